@@ -1,0 +1,1 @@
+"""Prism: disaggregated serving for large multimodal models."""
