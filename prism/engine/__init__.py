@@ -1,0 +1,1 @@
+"""Pure stage cores: encoder, prefill and decode engines. No gRPC, no Redis."""

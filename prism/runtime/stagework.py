@@ -1,0 +1,130 @@
+"""What every stage service shares: the compute thread, the bridge from a task RPC to the
+stage's work queue, and held outputs awaiting pickup by the downstream stage."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from prism.queue.base import DuplicateTask, QueueClosed, QueueFull, TaskEvent, TaskState, WorkItem, WorkQueue
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ComputeThread:
+    """One thread that runs a stage's model work, so the event loop keeps serving streams.
+    Work is serialized in submission order."""
+
+    def __init__(self, name: str, torch_threads: int = 0):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        if torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+def work_item(header: Any, payload: bytes) -> WorkItem:
+    """A queue item from a task's `TaskHeader` and its serialized task."""
+    return WorkItem(
+        task_id=header.request_id,
+        payload=payload,
+        priority=header.priority,
+        deadline_unix_ms=header.deadline_unix_ms,
+        trace_context=dict(header.trace_context),
+    )
+
+
+def check_header(header: Any, context: grpc.aio.ServicerContext) -> Any:
+    """Validates the fields every task needs; returns an abort coroutine or None."""
+    if not header.request_id:
+        return context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.request_id: required")
+    return None
+
+
+async def enqueue_and_watch(queue: WorkQueue, item: WorkItem, context: grpc.aio.ServicerContext,
+                            respond: Callable[[TaskEvent], Any]) -> AsyncIterator[Any]:
+    """Put `item` in the stage queue and stream `respond(event)` for each state change until
+    the task is READY or DONE. FAILED aborts the call with the worker's status; a caller that
+    goes away cancels the task."""
+    try:
+        await queue.put(item)
+    except QueueFull as exc:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"stage queue is full: {exc}")
+    except DuplicateTask:
+        await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"header.request_id: task {item.task_id} is already queued here")
+    except QueueClosed:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "this worker is draining; retry on another")
+    finished = False
+    try:
+        async for event in queue.watch(item.task_id):
+            if event.state == TaskState.FAILED:
+                finished = True
+                code = getattr(grpc.StatusCode, str(event.detail.get("code", "INTERNAL")), grpc.StatusCode.INTERNAL)
+                await context.abort(code, str(event.detail.get("message", "stage failed")))
+            if event.state == TaskState.CANCELLED:
+                finished = True
+                await context.abort(grpc.StatusCode.CANCELLED, str(event.detail.get("message", "task cancelled")))
+            yield respond(event)
+            if event.state in (TaskState.READY, TaskState.DONE):
+                finished = True
+                return
+    finally:
+        if not finished:
+            await queue.cancel(item.task_id, code="CANCELLED", message="caller went away")
+
+
+class HeldOutputs(Generic[T]):
+    """Outputs a stage holds for the downstream worker to pull, by request id. A fetch waits
+    for the output to be published; unfetched outputs expire after `ttl_s`."""
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._items: dict[str, tuple[float, T]] = {}
+        self._waiters: dict[str, asyncio.Event] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def publish(self, request_id: str, value: T) -> None:
+        self._items[request_id] = (time.monotonic(), value)
+        self._waiters.setdefault(request_id, asyncio.Event()).set()
+
+    def peek(self, request_id: str) -> T | None:
+        entry = self._items.get(request_id)
+        return entry[1] if entry else None
+
+    async def wait(self, request_id: str, timeout: float) -> T | None:
+        """The output, waiting up to `timeout` s for it to be published; None if it never was."""
+        if request_id not in self._items:
+            event = self._waiters.setdefault(request_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                self._waiters.pop(request_id, None)
+                return None
+        return self.peek(request_id)
+
+    def pop(self, request_id: str) -> T | None:
+        self._waiters.pop(request_id, None)
+        entry = self._items.pop(request_id, None)
+        return entry[1] if entry else None
+
+    def expire(self) -> list[str]:
+        """Drop outputs older than the TTL; returns their request ids."""
+        now = time.monotonic()
+        old = [rid for rid, (t, _) in self._items.items() if now - t > self.ttl_s]
+        for rid in old:
+            self.pop(rid)
+        return old

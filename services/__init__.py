@@ -1,0 +1,1 @@
+"""Prism services: one package per inference stage plus the scheduler."""

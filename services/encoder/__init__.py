@@ -1,0 +1,1 @@
+"""Prism encoder service."""

@@ -1,0 +1,38 @@
+"""EncoderService: a thin gRPC adapter over the encoder worker and its queue."""
+from __future__ import annotations
+
+import grpc
+
+from prism.queue.base import TaskEvent, WorkQueue
+from prism.runtime.stagework import enqueue_and_watch, work_item
+from prism.v1 import stages_pb2, stages_pb2_grpc
+from prism.wire.tensors import iter_chunks
+from services.encoder.worker import EncoderWorker
+
+
+class EncoderServicer(stages_pb2_grpc.EncoderServiceServicer):
+    def __init__(self, queue: WorkQueue, worker: EncoderWorker, *, chunk_bytes: int, fetch_wait_s: float):
+        self.queue, self.worker = queue, worker
+        self.chunk_bytes, self.fetch_wait_s = chunk_bytes, fetch_wait_s
+
+    def _respond(self, event: TaskEvent) -> stages_pb2.EncodeResponse:
+        return stages_pb2.EncodeResponse(
+            state=int(event.state), item_tokens=event.detail.get("item_tokens", []),
+            compute_ms=event.detail.get("compute_ms", 0.0), worker=self.worker.name,
+        )
+
+    async def Encode(self, request: stages_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
+        if not request.header.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.request_id: required")
+        item = work_item(request.header, request.SerializeToString())
+        async for response in enqueue_and_watch(self.queue, item, context, self._respond):
+            yield response
+
+    async def FetchEmbeddings(self, request: stages_pb2.FetchEmbeddingsRequest, context: grpc.aio.ServicerContext):
+        embeddings = await self.worker.held.wait(request.request_id, self.fetch_wait_s)
+        if embeddings is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no embeddings held for {request.request_id!r}")
+        for index, emb in enumerate(embeddings):
+            for chunk in iter_chunks(emb, self.chunk_bytes):
+                yield stages_pb2.FetchEmbeddingsResponse(item=index, total_rows=emb.shape[0], chunk=chunk)
+        await self.worker.fetched(request.request_id)

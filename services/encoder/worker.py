@@ -1,0 +1,107 @@
+"""Encoder worker: takes encode tasks from the stage queue, batches media items across requests
+up to a token budget, runs the tower in the compute thread, and holds the embeddings until the
+prefill worker pulls them."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+
+from prism.engine.encoder import EncoderEngine
+from prism.models.base import MediaItem
+from prism.queue.base import TaskState, UnknownTask, WorkItem, WorkQueue
+from prism.runtime.convert import item_from_input
+from prism.runtime.stagework import ComputeThread, HeldOutputs
+from prism.v1 import stages_pb2
+
+log = logging.getLogger(__name__)
+
+
+class EncoderWorker:
+    def __init__(self, queue: WorkQueue, engine: EncoderEngine, compute: ComputeThread, *,
+                 max_batch_tokens: int, held_ttl_s: float, name: str):
+        self.queue, self.engine, self.compute = queue, engine, compute
+        self.max_batch_tokens = max_batch_tokens
+        self.held: HeldOutputs[list[torch.Tensor]] = HeldOutputs(held_ttl_s)
+        self.name = name
+        self._carry: tuple[WorkItem, list[MediaItem]] | None = None
+
+    async def _parse(self, item: WorkItem) -> list[MediaItem] | None:
+        try:
+            req = stages_pb2.EncodeRequest.FromString(item.payload)
+            if not req.items:
+                raise ValueError("items: no media to encode")
+            return [item_from_input(m, f"items[{i}]") for i, m in enumerate(req.items)]
+        except ValueError as exc:
+            await self._fail(item.task_id, "INVALID_ARGUMENT", str(exc))
+        except Exception as exc:  # undecodable payload
+            await self._fail(item.task_id, "INVALID_ARGUMENT", f"undecodable encode task: {exc}")
+        return None
+
+    async def _fail(self, task_id: str, code: str, message: str) -> None:
+        await self.queue.set_state(task_id, TaskState.FAILED, code=code, message=message)
+        await self.queue.ack(task_id)
+
+    async def _next_batch(self) -> list[tuple[WorkItem, list[MediaItem]]] | None:
+        batch, tokens = [], 0
+        if self._carry is not None:
+            batch.append(self._carry)
+            tokens = sum(m.num_tokens for m in self._carry[1])
+            self._carry = None
+        while True:
+            item = await self.queue.get(timeout=0 if batch else None)
+            if item is None:
+                return batch or None
+            items = await self._parse(item)
+            if items is None:
+                continue
+            need = sum(m.num_tokens for m in items)
+            if batch and tokens + need > self.max_batch_tokens:
+                self._carry = (item, items)
+                return batch
+            batch.append((item, items))
+            tokens += need
+
+    async def run(self) -> None:
+        """Serve the queue until it is closed."""
+        while (batch := await self._next_batch()) is not None:
+            live = []
+            for item, items in batch:
+                if await self.queue.is_cancelled(item.task_id):
+                    await self.queue.ack(item.task_id)
+                else:
+                    live.append((item, items))
+                    await self.queue.set_state(item.task_id, TaskState.RUNNING, worker=self.name)
+            if live:
+                await self._encode(live)
+            self.held.expire()
+
+    async def _encode(self, batch: list[tuple[WorkItem, list[MediaItem]]]) -> None:
+        flat = [m for _, items in batch for m in items]
+        started = time.perf_counter()
+        try:
+            embeddings = await self.compute.run(self.engine.encode, flat)
+        except Exception as exc:
+            log.exception("encode batch of %d items failed", len(flat))
+            for item, _ in batch:
+                await self._fail(item.task_id, "INTERNAL", f"encoder failed: {exc}")
+            return
+        compute_ms = (time.perf_counter() - started) * 1000
+        pos = 0
+        for item, items in batch:
+            mine = embeddings[pos : pos + len(items)]
+            pos += len(items)
+            self.held.publish(item.task_id, mine)
+            await self.queue.set_state(item.task_id, TaskState.READY, compute_ms=compute_ms,
+                                       item_tokens=[int(e.shape[0]) for e in mine], batch_items=len(flat))
+            await self.queue.ack(item.task_id)
+
+    async def fetched(self, request_id: str) -> None:
+        """The prefill worker has pulled a request's embeddings: release them."""
+        self.held.pop(request_id)
+        try:
+            await self.queue.set_state(request_id, TaskState.DONE)
+        except UnknownTask:
+            pass

@@ -1,0 +1,56 @@
+"""PrefillService: a thin gRPC adapter over the prefill worker and its queue."""
+from __future__ import annotations
+
+import grpc
+
+from prism.queue.base import TaskEvent, WorkQueue
+from prism.runtime.stagework import enqueue_and_watch, work_item
+from prism.v1 import stages_pb2, stages_pb2_grpc
+from prism.wire.tensors import dtype_to_proto, iter_chunks
+from services.prefill.outbox import KvFailed
+from services.prefill.worker import PrefillWorker
+
+KEY, VALUE = stages_pb2.KV_PART_KEY, stages_pb2.KV_PART_VALUE
+
+
+class PrefillServicer(stages_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, queue: WorkQueue, worker: PrefillWorker, *, chunk_bytes: int, fetch_wait_s: float):
+        self.queue, self.worker = queue, worker
+        self.chunk_bytes, self.fetch_wait_s = chunk_bytes, fetch_wait_s
+
+    def _respond(self, event: TaskEvent) -> stages_pb2.PrefillResponse:
+        d = event.detail
+        return stages_pb2.PrefillResponse(
+            state=int(event.state), first_token=d.get("first_token", 0), prompt_tokens=d.get("prompt_tokens", 0),
+            rope_delta=d.get("rope_delta", 0), compute_ms=d.get("compute_ms", 0.0),
+            transfer_ms=d.get("transfer_ms", 0.0), worker=self.worker.name,
+        )
+
+    async def Prefill(self, request: stages_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        if not request.header.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.request_id: required")
+        item = work_item(request.header, request.SerializeToString())
+        async for response in enqueue_and_watch(self.queue, item, context, self._respond):
+            yield response
+
+    async def FetchKv(self, request: stages_pb2.FetchKvRequest, context: grpc.aio.ServicerContext):
+        outbox = await self.worker.held.wait(request.request_id, self.fetch_wait_s)
+        if outbox is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no KV held for {request.request_id!r}")
+        m = outbox.meta
+        yield stages_pb2.FetchKvResponse(header=stages_pb2.KvHeader(
+            num_layers=m.num_layers, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+            prompt_tokens=m.prompt_tokens, dtype=dtype_to_proto(m.dtype), rope_delta=m.rope_delta))
+        try:
+            async for event in outbox.follow():
+                if event[0] == "layer":
+                    _, layer, keys, values = event
+                    for part, tensor in ((KEY, keys), (VALUE, values)):
+                        for chunk in iter_chunks(tensor, self.chunk_bytes):
+                            yield stages_pb2.FetchKvResponse(chunk=stages_pb2.KvChunk(layer=layer, part=part, chunk=chunk))
+                else:
+                    yield stages_pb2.FetchKvResponse(trailer=stages_pb2.KvTrailer(first_token=event[1]))
+        except KvFailed as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL), exc.message)
+        finally:
+            await self.worker.fetched(request.request_id)

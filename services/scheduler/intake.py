@@ -1,0 +1,233 @@
+"""Admission of a public request: validate every field, decode the media, format the prompt and
+run the family's processor, before any stage spends work on it.
+
+Pure core (protobuf messages in, dataclasses out, `RequestError` with a status name and the
+field at fault); the servicer maps errors to gRPC status codes.
+"""
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prism.engine.sampling import Sampling
+from prism.media import MediaLimits, decode_image, decode_pcm, decode_wav
+from prism.models.base import AUDIO, IMAGE, FamilyAdapter, InputError, PreparedPrompt
+from prism.v1 import prism_pb2
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+ROLES = frozenset({"system", "user", "assistant"})
+
+
+class RequestError(Exception):
+    """A request refused at the door. `code` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.code, self.field, self.reason = code, field, reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits enforced before work is spent."""
+
+    max_images: int = 8
+    max_audios: int = 4
+    max_new_tokens: int = 1024
+    default_max_new_tokens: int = 64
+    max_stop_strings: int = 8
+    max_stop_length: int = 128
+    media: MediaLimits = MediaLimits()
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model this deployment serves, as the front door sees it (no weights)."""
+
+    name: str
+    adapter: FamilyAdapter
+    processor: Any
+    #: Prompt plus generated tokens must fit in this many tokens.
+    max_context: int
+    eos_ids: frozenset[int]
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Admitted:
+    request_id: str
+    model: ServedModel
+    prompt: PreparedPrompt
+    sampling: Sampling
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    stop_ids: frozenset[int]
+    ignore_eos: bool
+    priority: int
+    arrival: float
+    deadline: float | None  # absolute time.time(), None = none
+
+    @property
+    def image_tokens(self) -> int:
+        return self.prompt.tokens_of(IMAGE)
+
+    @property
+    def audio_tokens(self) -> int:
+        return self.prompt.tokens_of(AUDIO)
+
+
+def _invalid(field: str, reason: str) -> RequestError:
+    return RequestError("INVALID_ARGUMENT", field, reason)
+
+
+def _decode_part(part: prism_pb2.MediaPart, field: str, model: ServedModel, limits: Limits) -> tuple[str, Any]:
+    kind = part.WhichOneof("kind")
+    if kind is None:
+        raise _invalid(field, "media part has neither image nor audio")
+    modality = IMAGE if kind == "image" else AUDIO
+    if modality not in model.adapter.modalities:
+        raise _invalid(field, f"model {model.name!r} does not accept {modality}; it takes {sorted(model.adapter.modalities)}")
+    try:
+        if modality == IMAGE:
+            return IMAGE, decode_image(part.image.data, f"{field}.image.data", limits.media)
+        rate = model.adapter.audio_sampling_rate(model.processor)
+        source = part.audio.WhichOneof("source")
+        if source == "wav":
+            return AUDIO, decode_wav(part.audio.wav, f"{field}.audio.wav", rate, limits.media)
+        if source == "pcm":
+            pcm = part.audio.pcm
+            return AUDIO, decode_pcm(pcm.samples_f32le, pcm.sample_rate, pcm.channels, f"{field}.audio.pcm", rate, limits.media)
+        raise _invalid(f"{field}.audio", "audio has neither wav nor pcm")
+    except InputError as exc:
+        raise _invalid(exc.field, exc.reason) from None
+
+
+def _count(modalities: list[str], limits: Limits, field: str) -> None:
+    images, audios = modalities.count(IMAGE), modalities.count(AUDIO)
+    if images > limits.max_images:
+        raise _invalid(field, f"{images} images exceed the limit of {limits.max_images} per request")
+    if audios > limits.max_audios:
+        raise _invalid(field, f"{audios} audio clips exceed the limit of {limits.max_audios} per request")
+
+
+def _prompt_text(req: prism_pb2.GenerateRequest, model: ServedModel, limits: Limits) -> tuple[str, list[str], list[Any]]:
+    """(formatted text, modalities, decoded media) for prompt or chat input."""
+    adapter = model.adapter
+    if req.WhichOneof("input") == "chat":
+        if len(req.media):
+            raise _invalid("media", "must be empty with chat input; put media in the chat content")
+        if not req.chat.messages:
+            raise _invalid("chat.messages", "empty chat")
+        parts = [(p, f"chat.messages[{m}].content[{c}].media")
+                 for m, msg in enumerate(req.chat.messages) for c, p in enumerate(msg.content)
+                 if p.WhichOneof("part") == "media"]
+        _count([IMAGE if p.media.WhichOneof("kind") == "image" else AUDIO for p, _ in parts], limits, "chat.messages")
+        decoded = iter([_decode_part(p.media, f, model, limits) for p, f in parts])
+        messages, modalities, media, has_text = [], [], [], False
+        for m, msg in enumerate(req.chat.messages):
+            if msg.role not in ROLES:
+                raise _invalid(f"chat.messages[{m}].role", f"role {msg.role!r} is not one of {sorted(ROLES)}")
+            content = []
+            for c, part in enumerate(msg.content):
+                if part.WhichOneof("part") == "text":
+                    has_text = has_text or bool(part.text.strip())
+                    content.append({"type": "text", "text": part.text})
+                elif part.WhichOneof("part") == "media":
+                    modality, value = next(decoded)
+                    modalities.append(modality)
+                    media.append(value)
+                    content.append({"type": modality})
+                else:
+                    raise _invalid(f"chat.messages[{m}].content[{c}]", "empty content part")
+            messages.append({"role": msg.role, "content": content})
+        if not has_text and not media:
+            raise _invalid("chat.messages", "empty prompt: no text and no media")
+        add_prompt = req.chat.add_generation_prompt if req.chat.HasField("add_generation_prompt") else True
+        try:
+            text = model.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_prompt)
+        except Exception as exc:  # template errors are the caller's input
+            raise _invalid("chat.messages", f"chat template rejected the messages: {exc}") from None
+        return text, modalities, media
+
+    prompt = req.prompt
+    _count([IMAGE if p.WhichOneof("kind") == "image" else AUDIO for p in req.media], limits, "media")
+    decoded = [_decode_part(p, f"media[{i}]", model, limits) for i, p in enumerate(req.media)]
+    if not prompt.strip() and not decoded:
+        raise _invalid("prompt", "empty prompt")
+    modalities = [m for m, _ in decoded]
+    marks = {m: adapter.media_placeholder(m) for m in set(modalities)}
+    present = {m: prompt.count(mark) for m, mark in marks.items()}
+    if all(n == 0 for n in present.values()):
+        prompt = "".join(marks[m] for m in modalities) + prompt
+    else:
+        for m, mark in marks.items():
+            if present[m] != modalities.count(m):
+                raise _invalid("prompt", f"has {present[m]} {m} placeholders ({mark!r}) for {modalities.count(m)} {m} parts")
+    return prompt, modalities, [v for _, v in decoded]
+
+
+def _sampling(req: prism_pb2.GenerateRequest, model: ServedModel, limits: Limits) -> tuple[Sampling, int]:
+    s = req.sampling
+    max_new = s.max_new_tokens or limits.default_max_new_tokens
+    if not 1 <= max_new <= limits.max_new_tokens:
+        raise _invalid("sampling.max_new_tokens", f"{s.max_new_tokens} is outside [1, {limits.max_new_tokens}]")
+    if not math.isfinite(s.temperature) or s.temperature < 0 or s.temperature > 100:
+        raise _invalid("sampling.temperature", f"{s.temperature} is outside [0, 100]")
+    if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:
+        raise _invalid("sampling.top_p", f"{s.top_p} is outside [0, 1]")
+    if s.top_k < 0:
+        raise _invalid("sampling.top_k", f"{s.top_k} is negative")
+    if len(s.stop) > limits.max_stop_strings:
+        raise _invalid("sampling.stop", f"{len(s.stop)} stop strings exceed the limit of {limits.max_stop_strings}")
+    for i, stop in enumerate(s.stop):
+        if not stop or len(stop) > limits.max_stop_length:
+            raise _invalid(f"sampling.stop[{i}]", f"stop strings must have 1..{limits.max_stop_length} characters")
+    for i, tok in enumerate(s.stop_token_ids):
+        if not 0 <= tok < model.vocab_size:
+            raise _invalid(f"sampling.stop_token_ids[{i}]", f"{tok} is outside the vocabulary [0, {model.vocab_size})")
+    seed = s.seed if s.HasField("seed") else secrets.randbits(63)
+    return Sampling(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, seed=seed), max_new
+
+
+def admit(req: prism_pb2.GenerateRequest, models: dict[str, ServedModel], default_model: str,
+          limits: Limits, grpc_deadline: float | None = None) -> Admitted:
+    """Validate and prepare `req`; raises RequestError naming the field at fault."""
+    arrival = time.time()
+    name = req.model or default_model
+    if name not in models:
+        raise RequestError("NOT_FOUND", "model", f"model {name!r} is not served here; served: {sorted(models)}")
+    model = models[name]
+    if req.request_id and not REQUEST_ID.match(req.request_id):
+        raise _invalid("request_id", "use 1..128 letters, digits, '.', '_' or '-'")
+    request_id = req.request_id or secrets.token_hex(8)
+    if req.WhichOneof("input") is None:
+        raise _invalid("prompt", "empty prompt: set prompt or chat")
+    sampling, max_new = _sampling(req, model, limits)
+    if req.slo.deadline_ms < 0 or req.slo.ttft_ms < 0 or req.slo.tpot_ms < 0:
+        raise _invalid("slo", "targets must not be negative")
+    text, modalities, media = _prompt_text(req, model, limits)
+    images = [m for k, m in zip(modalities, media) if k == IMAGE]
+    audios = [m for k, m in zip(modalities, media) if k == AUDIO]
+    try:
+        prepared = model.adapter.prepare(model.processor, text, images, audios)
+    except InputError as exc:
+        raise _invalid(exc.field, exc.reason) from None
+    except (ValueError, TypeError) as exc:
+        raise _invalid("prompt", f"the processor rejected the input: {exc}") from None
+    total = len(prepared.input_ids)
+    if total + max_new > model.max_context:
+        raise _invalid(
+            "prompt",
+            f"{total} prompt tokens (image {prepared.tokens_of(IMAGE)}, audio {prepared.tokens_of(AUDIO)}) plus "
+            f"sampling.max_new_tokens {max_new} exceed the model's context of {model.max_context} tokens",
+        )
+    deadlines = [d for d in (grpc_deadline, arrival + req.slo.deadline_ms / 1000 if req.slo.deadline_ms else None) if d]
+    stop_ids = frozenset(req.sampling.stop_token_ids) | (frozenset() if req.sampling.ignore_eos else model.eos_ids)
+    return Admitted(
+        request_id=request_id, model=model, prompt=prepared, sampling=sampling, max_new_tokens=max_new,
+        stop=tuple(req.sampling.stop), stop_ids=stop_ids, ignore_eos=req.sampling.ignore_eos,
+        priority=req.priority, arrival=arrival, deadline=min(deadlines) if deadlines else None,
+    )
