@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,3 +63,28 @@ def load_model(model_dir: str | Path, *, dtype: str = "float32", device: str = "
     model.to(dev).eval()
     log.info("loaded %s (%s) as %s on %s, parts=%s", model_dir, adapter.family, dtype, dev, sorted(parts))
     return LoadedModel(adapter, model, dev, DTYPES[dtype])
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which checkpoint a stage serves and how it runs it."""
+
+    model_dir: Path = field(metadata={"help": "Local checkpoint directory (loaded with from_pretrained)."})
+    dtype: str = field(default="float32", metadata={"help": "Weights and activations: float32, bfloat16 or float16."})
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda:0."})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads for this stage; 0 keeps torch's default."})
+
+    def __post_init__(self) -> None:
+        from prism.runtime.config import check
+
+        check(Path(self.model_dir).is_dir(), "model_dir", f"{self.model_dir} is not a directory")
+        check((Path(self.model_dir) / "config.json").is_file(), "model_dir", f"{self.model_dir} has no config.json")
+        check(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
+        check(self.threads >= 0, "threads", "must be >= 0")
+        try:
+            torch.device(self.device)
+        except RuntimeError as exc:
+            check(False, "device", str(exc))
+
+    def load(self, parts: frozenset[str]) -> LoadedModel:
+        return load_model(self.model_dir, dtype=self.dtype, device=self.device, parts=parts)

@@ -128,3 +128,52 @@ class HeldOutputs(Generic[T]):
         for rid in old:
             self.pop(rid)
         return old
+
+
+class Channels:
+    """One traced aio channel per upstream address, opened on first use."""
+
+    def __init__(self, max_message_bytes: int):
+        self.max_message_bytes = max_message_bytes
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def __call__(self, address: str) -> grpc.aio.Channel:
+        from prism.runtime.telemetry import instrumented_channel
+
+        if address not in self._channels:
+            self._channels[address] = instrumented_channel(address, max_message_bytes=self.max_message_bytes)
+        return self._channels[address]
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+async def serve_stage(server_config: Any, service_name: str, register: Callable[[grpc.aio.Server], None],
+                      queue: WorkQueue | None, worker: Callable[[], Any] | None,
+                      on_stop: Callable[[], Any] | None = None) -> None:
+    """Serve one stage until SIGTERM: health, reflection and tracing come from StageServer;
+    the worker consumes the queue; draining closes the queue (no new work) and waits for the
+    worker to finish what it took."""
+    from prism.runtime.server import StageServer
+
+    worker_task: asyncio.Task | None = None
+
+    async def drain() -> None:
+        if queue is not None:
+            await queue.close()
+        if worker_task is not None:
+            await worker_task
+
+    server = StageServer(server_config, service_names=[service_name], registrars=[register], drain_hooks=[drain])
+    await server.start()
+    if worker is not None:
+        worker_task = asyncio.create_task(worker())
+    try:
+        await server.wait()
+    finally:
+        if worker_task is not None and not worker_task.done():
+            worker_task.cancel()
+        if on_stop is not None:
+            await on_stop()

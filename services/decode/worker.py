@@ -17,7 +17,7 @@ from prism.engine.sampling import Sampling
 from prism.queue.base import TaskState, WorkItem, WorkQueue
 from prism.runtime.stagework import ComputeThread
 from prism.v1 import common_pb2, stages_pb2, stages_pb2_grpc
-from prism.wire.tensors import chunk_to_tensor, dtype_from_proto
+from prism.wire.tensors import ChunkAssembler, dtype_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class DecodeWorker:
             stub = stages_pb2_grpc.PrefillServiceStub(self.channel_for(req.prefill_address))
             call = stub.FetchKv(stages_pb2.FetchKvRequest(request_id=rid), timeout=self.fetch_timeout_s)
             first_token, rope_delta = None, 0
+            assemblers: dict[tuple[int, int], ChunkAssembler] = {}
             try:
                 async for msg in call:
                     kind = msg.WhichOneof("kind")
@@ -128,16 +129,27 @@ class DecodeWorker:
                         rope_delta = h.rope_delta
                         await self.compute.run(self.engine.reserve, rid, h.prompt_tokens)
                         reserved = True
+                        assemblers = {
+                            (layer, part): ChunkAssembler(
+                                out=self.engine.kv_destination(rid, layer, part, 0, h.prompt_tokens),
+                                field=f"kv[{layer}][{part}]")
+                            for layer in range(h.num_layers) for part in (KEY, VALUE)
+                        }
                     elif kind == "chunk" and reserved:
                         c = msg.chunk
-                        rows = chunk_to_tensor(c.chunk)
-                        self.engine.write_kv(rid, c.layer, PARTS[c.part], int(c.chunk.offset), rows)
+                        if (c.layer, PARTS.get(c.part)) not in assemblers:
+                            raise ValueError(f"chunk for layer {c.layer} part {c.part} is not in the KV layout")
+                        assemblers[(c.layer, PARTS[c.part])].add(c.chunk)
                     elif kind == "trailer" and reserved:
+                        missing = [k for k, a in assemblers.items() if not a.complete]
+                        if missing:
+                            raise ImportFailed("INTERNAL", f"KV stream ended with layers {missing[:4]} incomplete")
                         first_token = msg.trailer.first_token
             except grpc.aio.AioRpcError as exc:
                 raise ImportFailed(exc.code().name, f"fetching KV from {req.prefill_address}: {exc.details()}") from None
             except (NoFreeSlot, PromptTooLong, ValueError) as exc:
-                code = "RESOURCE_EXHAUSTED" if isinstance(exc, NoFreeSlot) else "INVALID_ARGUMENT"
+                code = ("RESOURCE_EXHAUSTED" if isinstance(exc, NoFreeSlot)
+                        else "INVALID_ARGUMENT" if isinstance(exc, PromptTooLong) else "INTERNAL")
                 raise ImportFailed(code, str(exc)) from None
             if first_token is None:
                 raise ImportFailed("INTERNAL", "KV stream ended without its trailer")

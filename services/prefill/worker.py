@@ -18,7 +18,7 @@ from prism.queue.base import TaskState, UnknownTask, WorkItem, WorkQueue
 from prism.runtime.convert import item_from_info
 from prism.runtime.stagework import ComputeThread, HeldOutputs
 from prism.v1 import stages_pb2, stages_pb2_grpc
-from prism.wire.tensors import TensorAssembler
+from prism.wire.tensors import ChunkAssembler, dtype_from_proto
 from services.prefill.outbox import KvMeta, KvOutbox
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class PrefillWorker:
         if not req.encoder_address:
             raise StageFailure("INVALID_ARGUMENT", "encoder_address: required for a request with media")
         stub = stages_pb2_grpc.EncoderServiceStub(self.channel_for(req.encoder_address))
-        assemblers: list[TensorAssembler | None] = [None] * len(items)
+        assemblers: list[ChunkAssembler | None] = [None] * len(items)
         call = stub.FetchEmbeddings(stages_pb2.FetchEmbeddingsRequest(request_id=req.header.request_id),
                                     timeout=self.fetch_timeout_s)
         try:
@@ -68,15 +68,19 @@ class PrefillWorker:
                     if msg.total_rows != items[msg.item].num_tokens:
                         raise StageFailure("INTERNAL", f"encoder sent {msg.total_rows} rows for item {msg.item}'s "
                                                        f"{items[msg.item].num_tokens} tokens")
-                    assemblers[msg.item] = TensorAssembler.for_chunk(msg.chunk, msg.total_rows)
+                    assemblers[msg.item] = ChunkAssembler((msg.total_rows, *msg.chunk.shape[1:]),
+                                                          dtype_from_proto(msg.chunk.dtype, field="chunk.dtype"),
+                                                          field=f"embeddings[{msg.item}]")
                 assemblers[msg.item].add(msg.chunk)
+        except ValueError as exc:
+            raise StageFailure("INTERNAL", f"bad embeddings from {req.encoder_address}: {exc}") from None
         except grpc.aio.AioRpcError as exc:
             raise StageFailure(exc.code().name, f"fetching embeddings from {req.encoder_address}: {exc.details()}") from None
         media: dict[str, list[torch.Tensor]] = {}
         for i, (item, asm) in enumerate(zip(items, assemblers)):
             if asm is None or not asm.complete:
                 raise StageFailure("INTERNAL", f"encoder stream ended before item {i} was complete")
-            media.setdefault(item.modality, []).append(asm.tensor)
+            media.setdefault(item.modality, []).append(asm.result())
         return media
 
     async def _process(self, item: WorkItem) -> None:

@@ -10,7 +10,8 @@ import math
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prism.engine.sampling import Sampling
@@ -32,15 +33,33 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits enforced before work is spent."""
+    """Per-request limits, enforced before any work is spent."""
 
-    max_images: int = 8
-    max_audios: int = 4
-    max_new_tokens: int = 1024
-    default_max_new_tokens: int = 64
-    max_stop_strings: int = 8
-    max_stop_length: int = 128
-    media: MediaLimits = MediaLimits()
+    max_images: int = field(default=8, metadata={"help": "images per request"})
+    max_audios: int = field(default=4, metadata={"help": "audio clips per request"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "largest sampling.max_new_tokens accepted"})
+    default_max_new_tokens: int = field(default=64, metadata={"help": "max_new_tokens when a request leaves it 0"})
+    max_stop_strings: int = field(default=8, metadata={"help": "stop strings per request"})
+    max_stop_length: int = field(default=128, metadata={"help": "characters per stop string"})
+    max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "pixels per image (width x height)"})
+    max_audio_seconds: float = field(default=30.0, metadata={"help": "seconds per audio clip"})
+
+    def __post_init__(self) -> None:
+        from prism.runtime.config import check
+
+        check(self.max_images >= 0, "max_images", "must be >= 0")
+        check(self.max_audios >= 0, "max_audios", "must be >= 0")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(1 <= self.default_max_new_tokens <= self.max_new_tokens, "default_max_new_tokens",
+              "must be in [1, max_new_tokens]")
+        check(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0")
+        check(self.max_stop_length >= 1, "max_stop_length", "must be >= 1")
+        check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
+        check(self.max_audio_seconds > 0, "max_audio_seconds", "must be > 0")
+
+    @property
+    def media(self) -> MediaLimits:
+        return MediaLimits(max_image_pixels=self.max_image_pixels, max_audio_seconds=self.max_audio_seconds)
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,23 @@ class ServedModel:
     max_context: int
     eos_ids: frozenset[int]
     vocab_size: int
+
+    @classmethod
+    def load(cls, name: str, model_dir: Path, max_context: int = 0) -> "ServedModel":
+        """The front door's view of a checkpoint: adapter, processor, EOS ids; no weights."""
+        from transformers import GenerationConfig
+
+        from prism.models.registry import adapter_for
+
+        adapter = adapter_for(model_dir)
+        try:
+            eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+        except OSError:
+            eos = adapter.text_config.eos_token_id
+        eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        context = min(adapter.max_context, max_context) if max_context else adapter.max_context
+        return cls(name=name, adapter=adapter, processor=adapter.load_processor(), max_context=context,
+                   eos_ids=eos_ids, vocab_size=int(adapter.text_config.vocab_size))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,23 @@
+"""Process setup shared by every service's `__main__`."""
+from __future__ import annotations
+
+import logging
+import os
+
+
+def setup_process(service: str, worker_name: str) -> None:
+    """Structured logs with trace ids, tracing (exported only when OTLP is configured), and
+    quiet model-loading progress bars."""
+    from prism.runtime.telemetry import setup_logging, setup_tracing
+
+    setup_logging(service, os.environ.get("PRISM_LOG_LEVEL", "INFO"))
+    setup_tracing(service, instance_id=worker_name)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    logging.captureWarnings(True)

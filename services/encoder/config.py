@@ -1,0 +1,29 @@
+"""Encoder service configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prism.models.loading import ModelOptions
+from prism.runtime.config import check
+from prism.runtime.server import ServerConfig
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The encoder stage: media through the vision/audio tower and projector."""
+
+    model: ModelOptions = field(metadata={"help": "checkpoint"})
+    server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "gRPC server"})
+    max_batch_tokens: int = field(default=4096, metadata={"help": "embedding rows (media tokens) per encoder batch across requests"})
+    queue_depth: int = field(default=256, metadata={"help": "encode tasks that may wait in this worker's queue"})
+    held_ttl_s: float = field(default=120.0, metadata={"help": "seconds embeddings wait for prefill to pull them before they are dropped"})
+    fetch_wait_s: float = field(default=60.0, metadata={"help": "seconds a FetchEmbeddings call waits for the embeddings to be ready"})
+    chunk_bytes: int = field(default=1 << 20, metadata={"help": "bytes per streamed embedding chunk"})
+
+    def __post_init__(self) -> None:
+        check(self.max_batch_tokens >= 1, "max_batch_tokens", "must be >= 1")
+        check(self.queue_depth >= 1, "queue_depth", "must be >= 1")
+        check(self.held_ttl_s > 0, "held_ttl_s", "must be > 0")
+        check(self.fetch_wait_s > 0, "fetch_wait_s", "must be > 0")
+        check(4096 <= self.chunk_bytes <= self.server.max_message_bytes // 2, "chunk_bytes",
+              "must be in [4096, max_message_bytes / 2]")

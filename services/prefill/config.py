@@ -1,0 +1,29 @@
+"""Prefill service configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prism.models.loading import ModelOptions
+from prism.runtime.config import check
+from prism.runtime.server import ServerConfig
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """The prefill stage: the prompt pass; holds each request's KV for the decode worker."""
+
+    model: ModelOptions = field(metadata={"help": "checkpoint"})
+    server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "gRPC server"})
+    queue_depth: int = field(default=256, metadata={"help": "prefill tasks that may wait in this worker's queue"})
+    held_ttl_s: float = field(default=120.0, metadata={"help": "seconds a KV cache waits for decode to pull it before it is dropped"})
+    fetch_wait_s: float = field(default=60.0, metadata={"help": "seconds a FetchKv call waits for the prompt pass to start"})
+    upstream_timeout_s: float = field(default=120.0, metadata={"help": "seconds allowed to pull a request's embeddings"})
+    chunk_bytes: int = field(default=1 << 20, metadata={"help": "bytes per streamed KV chunk"})
+
+    def __post_init__(self) -> None:
+        check(self.queue_depth >= 1, "queue_depth", "must be >= 1")
+        check(self.held_ttl_s > 0, "held_ttl_s", "must be > 0")
+        check(self.fetch_wait_s > 0, "fetch_wait_s", "must be > 0")
+        check(self.upstream_timeout_s > 0, "upstream_timeout_s", "must be > 0")
+        check(4096 <= self.chunk_bytes <= self.server.max_message_bytes // 2, "chunk_bytes",
+              "must be in [4096, max_message_bytes / 2]")
