@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny checkpoints built once per session through the real builder and saved
+to disk, then loaded through the same from_pretrained path as a real checkpoint."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl", "qwen2-audio")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """family -> directory of its tiny checkpoint, built lazily and cached for the session."""
+    from prism.models.builder import make_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    cache: dict[str, Path] = {}
+
+    class _Lazy(dict):
+        def __missing__(self, family: str) -> Path:
+            path = make_model(family, "tiny", root / family, seed=0)
+            self[family] = path
+            return path
+
+    return _Lazy(cache)
+
+
+def random_image(seed: int, width: int = 64, height: int = 64):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def png_bytes(seed: int, width: int = 64, height: int = 64) -> bytes:
+    buf = io.BytesIO()
+    random_image(seed, width, height).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def random_audio(seed: int, seconds: float, rate: int = 16000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(rate * seconds)) * 0.1).astype(np.float32)
+
+
+def wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
