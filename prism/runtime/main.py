@@ -21,3 +21,20 @@ def setup_process(service: str, worker_name: str) -> None:
     except ImportError:
         pass
     logging.captureWarnings(True)
+
+
+def run_service(config_cls: type, env_prefix: str, service: str, build, prog: str) -> None:
+    """A service's whole `__main__`: config from CLI and environment (built once, validated),
+    process setup, then serve until SIGTERM drains it."""
+    import asyncio
+
+    from prism.runtime.config import config_from_cli
+    from prism.runtime.stagework import serve_stage
+
+    config = config_from_cli(config_cls, env_prefix=env_prefix, prog=prog)
+    setup_process(service, config.server.worker_name)
+
+    async def main() -> None:
+        await serve_stage(config.server, await build(config))
+
+    asyncio.run(main())

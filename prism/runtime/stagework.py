@@ -7,6 +7,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -150,30 +151,67 @@ class Channels:
         self._channels.clear()
 
 
-async def serve_stage(server_config: Any, service_name: str, register: Callable[[grpc.aio.Server], None],
-                      queue: WorkQueue | None, worker: Callable[[], Any] | None,
-                      on_stop: Callable[[], Any] | None = None) -> None:
-    """Serve one stage until SIGTERM: health, reflection and tracing come from StageServer;
-    the worker consumes the queue; draining closes the queue (no new work) and waits for the
-    worker to finish what it took."""
+@dataclass
+class StageApp:
+    """A stage service ready to serve: what `serve_stage` (or a test) needs to run it."""
+
+    service_name: str
+    register: Callable[[grpc.aio.Server], None]
+    queue: WorkQueue | None = None
+    run_worker: Callable[[], Any] | None = None
+    on_stop: Callable[[], Any] | None = None
+    #: The servicer, worker and engine, for inspection by tests and admin tools.
+    parts: dict[str, Any] = field(default_factory=dict)
+
+
+class RunningStage:
+    """A started StageServer with its worker task."""
+
+    def __init__(self, server: Any, app: StageApp):
+        self.server, self.app = server, app
+        self.worker_task: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def drain_worker(self) -> None:
+        if self.app.queue is not None:
+            await self.app.queue.close()
+        if self.worker_task is not None:
+            await self.worker_task
+
+    async def stop(self) -> None:
+        """Drain (no new work, finish what was taken) and stop."""
+        await self.server.drain()
+        if self.worker_task is not None and not self.worker_task.done():
+            self.worker_task.cancel()
+        if self.app.on_stop is not None:
+            await self.app.on_stop()
+
+
+async def start_stage(server_config: Any, app: StageApp, *, handle_signals: bool = True) -> RunningStage:
+    """Start serving `app`: health, reflection and tracing come from StageServer; the worker
+    consumes the queue; draining closes the queue and waits for the worker's taken work."""
     from prism.runtime.server import StageServer
 
-    worker_task: asyncio.Task | None = None
-
-    async def drain() -> None:
-        if queue is not None:
-            await queue.close()
-        if worker_task is not None:
-            await worker_task
-
-    server = StageServer(server_config, service_names=[service_name], registrars=[register], drain_hooks=[drain])
+    running: RunningStage
+    server = StageServer(server_config, service_names=[app.service_name], registrars=[app.register],
+                         drain_hooks=[lambda: running.drain_worker()], handle_signals=handle_signals)
+    running = RunningStage(server, app)
     await server.start()
-    if worker is not None:
-        worker_task = asyncio.create_task(worker())
+    if app.run_worker is not None:
+        running.worker_task = asyncio.create_task(app.run_worker())
+    return running
+
+
+async def serve_stage(server_config: Any, app: StageApp) -> None:
+    """Serve `app` until SIGTERM (then drain and stop)."""
+    running = await start_stage(server_config, app)
     try:
-        await server.wait()
+        await running.server.wait()
     finally:
-        if worker_task is not None and not worker_task.done():
-            worker_task.cancel()
-        if on_stop is not None:
-            await on_stop()
+        if running.worker_task is not None and not running.worker_task.done():
+            running.worker_task.cancel()
+        if app.on_stop is not None:
+            await app.on_stop()

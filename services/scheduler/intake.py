@@ -38,7 +38,7 @@ class Limits:
     max_images: int = field(default=8, metadata={"help": "images per request"})
     max_audios: int = field(default=4, metadata={"help": "audio clips per request"})
     max_new_tokens: int = field(default=1024, metadata={"help": "largest sampling.max_new_tokens accepted"})
-    default_max_new_tokens: int = field(default=64, metadata={"help": "max_new_tokens when a request leaves it 0"})
+    default_max_new_tokens: int = field(default=64, metadata={"help": "max_new_tokens when a request leaves it unset"})
     max_stop_strings: int = field(default=8, metadata={"help": "stop strings per request"})
     max_stop_length: int = field(default=128, metadata={"help": "characters per stop string"})
     max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "pixels per image (width x height)"})
@@ -207,7 +207,7 @@ def _prompt_text(req: prism_pb2.GenerateRequest, model: ServedModel, limits: Lim
 
 def _sampling(req: prism_pb2.GenerateRequest, model: ServedModel, limits: Limits) -> tuple[Sampling, int]:
     s = req.sampling
-    max_new = s.max_new_tokens or limits.default_max_new_tokens
+    max_new = s.max_new_tokens if s.HasField("max_new_tokens") else limits.default_max_new_tokens
     if not 1 <= max_new <= limits.max_new_tokens:
         raise _invalid("sampling.max_new_tokens", f"{s.max_new_tokens} is outside [1, {limits.max_new_tokens}]")
     if not math.isfinite(s.temperature) or s.temperature < 0 or s.temperature > 100:

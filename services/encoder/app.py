@@ -1,0 +1,26 @@
+"""Wiring of the encoder service: config -> model -> queue -> worker -> servicer."""
+from __future__ import annotations
+
+from prism.engine.encoder import EncoderEngine
+from prism.models.loading import ENCODER
+from prism.queue.memory import InMemoryWorkQueue
+from prism.runtime.stagework import ComputeThread, StageApp
+from prism.v1 import stages_pb2_grpc
+from services.encoder.config import EncoderConfig
+from services.encoder.servicer import EncoderServicer
+from services.encoder.worker import EncoderWorker
+
+
+async def build(config: EncoderConfig) -> StageApp:
+    compute = ComputeThread("encoder", config.model.threads)
+    engine = EncoderEngine(await compute.run(config.model.load, frozenset({ENCODER})))
+    queue = InMemoryWorkQueue(max_depth=config.queue_depth)
+    worker = EncoderWorker(queue, engine, compute, max_batch_tokens=config.max_batch_tokens,
+                           held_ttl_s=config.held_ttl_s, name=config.server.worker_name)
+    servicer = EncoderServicer(queue, worker, chunk_bytes=config.chunk_bytes, fetch_wait_s=config.fetch_wait_s)
+
+    async def on_stop() -> None:
+        compute.shutdown()
+
+    return StageApp("prism.v1.EncoderService", lambda s: stages_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, s),
+                    queue, worker.run, on_stop, {"servicer": servicer, "worker": worker, "engine": engine})

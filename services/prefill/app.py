@@ -1,0 +1,29 @@
+"""Wiring of the prefill service: config -> model -> queue -> worker -> servicer."""
+from __future__ import annotations
+
+from prism.engine.lm import LanguageModel
+from prism.engine.prefill import PrefillEngine
+from prism.models.loading import LANGUAGE
+from prism.queue.memory import InMemoryWorkQueue
+from prism.runtime.stagework import Channels, ComputeThread, StageApp
+from prism.v1 import stages_pb2_grpc
+from services.prefill.config import PrefillConfig
+from services.prefill.servicer import PrefillServicer
+from services.prefill.worker import PrefillWorker
+
+
+async def build(config: PrefillConfig) -> StageApp:
+    compute = ComputeThread("prefill", config.model.threads)
+    engine = PrefillEngine(LanguageModel(await compute.run(config.model.load, frozenset({LANGUAGE}))))
+    queue = InMemoryWorkQueue(max_depth=config.queue_depth)
+    channels = Channels(config.server.max_message_bytes)
+    worker = PrefillWorker(queue, engine, compute, channels, held_ttl_s=config.held_ttl_s,
+                           name=config.server.worker_name, fetch_timeout_s=config.upstream_timeout_s)
+    servicer = PrefillServicer(queue, worker, chunk_bytes=config.chunk_bytes, fetch_wait_s=config.fetch_wait_s)
+
+    async def on_stop() -> None:
+        await channels.close()
+        compute.shutdown()
+
+    return StageApp("prism.v1.PrefillService", lambda s: stages_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, s),
+                    queue, worker.run, on_stop, {"servicer": servicer, "worker": worker, "engine": engine})
