@@ -7,7 +7,6 @@ import asyncio
 
 import grpc
 import pytest
-import torch
 
 from prism.models.loading import ModelOptions
 from prism.runtime.server import ServerConfig
@@ -22,6 +21,7 @@ from services.prefill.config import PrefillConfig
 from services.scheduler.app import build as build_scheduler
 from services.scheduler.config import SchedulerConfig
 from tests.conftest import png_bytes, random_image
+from tests.oracle import Oracle
 
 SLOTS = 2
 
@@ -58,19 +58,9 @@ def chat(text: str, images: list[bytes] = (), max_new_tokens: int = 8, ignore_eo
         sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos))
 
 
-def oracle(model_dir, text: str, seeds: list[int], n: int) -> list[int]:
-    from prism.models.registry import adapter_for
-
-    adapter = adapter_for(model_dir)
-    processor = adapter.load_processor()
-    model = adapter.model_class.from_pretrained(str(model_dir)).eval()
-    messages = [{"role": "user", "content": [{"type": "image"} for _ in seeds] + [{"type": "text", "text": text}]}]
-    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    images = [random_image(s) for s in seeds]
-    inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+@pytest.fixture(scope="module")
+def oracle(tiny_models) -> Oracle:
+    return Oracle(tiny_models["llava"])
 
 
 async def collect(stub, request) -> tuple[list[int], prism_pb2.GenerateResponse]:
@@ -90,10 +80,10 @@ async def wait_until(predicate, timeout: float = 5.0) -> bool:
     return True
 
 
-async def test_generate_matches_generate_and_leaves_nothing_behind(system):
+async def test_generate_matches_generate_and_leaves_nothing_behind(system, oracle):
     stub = prism_pb2_grpc.PrismServiceStub(system["channel"])
     tokens, last = await collect(stub, chat("describe it", [png_bytes(1)], max_new_tokens=6))
-    assert tokens == oracle(system["model_dir"], "describe it", [1], 6)
+    assert tokens == oracle.chat("describe it", [random_image(1)], 6)
     assert last.usage.generated_tokens == len(tokens) and last.usage.image_tokens > 0
     decode = system["decode"].app.parts
     assert await wait_until(lambda: decode["engine"].free_slots == SLOTS)
@@ -102,7 +92,7 @@ async def test_generate_matches_generate_and_leaves_nothing_behind(system):
     assert decode["worker"].outputs == {}
 
 
-async def test_cancel_mid_stream_frees_the_decode_slot_and_kv_at_once(system):
+async def test_cancel_mid_stream_frees_the_decode_slot_and_kv_at_once(system, oracle):
     stub = prism_pb2_grpc.PrismServiceStub(system["channel"])
     engine = system["decode"].app.parts["engine"]
     call = stub.Generate(chat("count forever", max_new_tokens=400, ignore_eos=True))
@@ -117,7 +107,7 @@ async def test_cancel_mid_stream_frees_the_decode_slot_and_kv_at_once(system):
     assert system["decode"].app.parts["worker"].outputs == {}
     # The freed slots serve new requests correctly.
     tokens, _ = await collect(stub, chat("again", [png_bytes(2)], max_new_tokens=5))
-    assert tokens == oracle(system["model_dir"], "again", [2], 5)
+    assert tokens == oracle.chat("again", [random_image(2)], 5)
 
 
 async def test_more_requests_than_slots_all_complete(system):

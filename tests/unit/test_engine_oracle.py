@@ -3,7 +3,6 @@ monolithic Hugging Face model's greedy `generate`, token for token, for every fa
 from __future__ import annotations
 
 import pytest
-import torch
 
 from prism.engine.decode import DecodeEngine, DecodeSpec, Finish, NoFreeSlot, PromptTooLong
 from prism.engine.encoder import EncoderEngine
@@ -13,8 +12,8 @@ from prism.engine.prefill import PrefillEngine
 from prism.engine.sampling import Sampling
 from prism.models.base import AUDIO, IMAGE
 from prism.models.loading import ENCODER, LANGUAGE, load_model
-from prism.models.registry import adapter_for
 from tests.conftest import FAMILIES, random_audio, random_image
+from tests.oracle import Oracle
 
 N = 8
 TEXTS = ["hello there", "the quick brown fox jumps over", "a b c", "tell me about the weather today please",
@@ -25,30 +24,23 @@ class Stack:
     """One family's checkpoint loaded three ways: monolith, encoder part, language part."""
 
     def __init__(self, model_dir):
-        self.adapter = adapter_for(model_dir)
-        self.processor = self.adapter.load_processor()
-        self.full = self.adapter.model_class.from_pretrained(str(model_dir)).eval()
+        self.oracle_model = Oracle(model_dir)
+        self.adapter = self.oracle_model.adapter
+        self.processor = self.oracle_model.processor
         self.lm = LanguageModel(load_model(model_dir, parts=frozenset({LANGUAGE})))
         self.encoder = EncoderEngine(load_model(model_dir, parts=frozenset({ENCODER})))
         self.prefill = PrefillEngine(self.lm)
-        self.modality = next(iter(self.adapter.modalities))
+        self.modality = self.oracle_model.modality
 
     def case(self, i: int, n_media: int) -> tuple[str, list]:
         if self.modality == IMAGE:
             media = [random_image(100 * i + j, 48 + 16 * j, 64) for j in range(n_media)]
         else:
             media = [random_audio(100 * i + j, 0.5 + 0.5 * j) for j in range(n_media)]
-        messages = [{"role": "user", "content": [{"type": self.modality} for _ in media] + [{"type": "text", "text": TEXTS[i % len(TEXTS)]}]}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), media
+        return self.oracle_model.chat_text(TEXTS[i % len(TEXTS)], n_media), media
 
     def oracle(self, text: str, media: list, n: int = N) -> list[int]:
-        kwargs = {}
-        if media:
-            kwargs = {"images": media} if self.modality == IMAGE else {"audio": media, "sampling_rate": 16000}
-        inputs = self.processor(text=[text], return_tensors="pt", **kwargs)
-        with torch.inference_mode():
-            out = self.full.generate(**inputs, max_new_tokens=n, do_sample=False)
-        return out[0, inputs["input_ids"].shape[1]:].tolist()
+        return self.oracle_model.generate(text, media, n)
 
     def admit(self, engine: DecodeEngine, rid: str, text: str, media: list, n: int = N) -> list[int]:
         """Encode, prefill straight into a reserved decode slot, join the batch."""

@@ -1,0 +1,116 @@
+"""The ``prism`` command.
+
+One typer app with a sub-app per command group; each command imports what it needs when it
+runs, so ``prism --help`` stays fast and the client-only install can still show help. To add a
+command group, build a ``typer.Typer`` below and register it with ``app.add_typer``; to add a
+top-level command, decorate a function with ``@app.command()``.
+
+    prism models make --family llava --size tiny --out models/tiny-llava
+    python -m prism.cli models make --family qwen2-vl --out /tmp/qwen
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    name="prism",
+    help="Prism: disaggregated encoder/prefill/decode serving for large multimodal models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+# ---- prism models ... -------------------------------------------------------------------------
+
+models_app = typer.Typer(help="Build and inspect model checkpoints.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+# Kept in step with prism.models.builder (checked by its tests) so that --help needs no torch.
+_FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl", "qwen2-audio")
+_SIZES = ("tiny", "small")
+
+
+def _one_of(name: str, choices: tuple[str, ...]):
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=name)
+        return value
+
+    return check
+
+
+@models_app.command("make")
+def models_make(
+    family: str = typer.Option(..., "--family", help=f"Model family: {' | '.join(_FAMILIES)}.",
+                               callback=_one_of("--family", _FAMILIES)),
+    size: str = typer.Option("tiny", "--size", help=f"Model size: {' | '.join(_SIZES)}.",
+                             callback=_one_of("--size", _SIZES)),
+    out: Path = typer.Option(..., "--out", help="Directory to write the checkpoint into (created)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for the weights."),
+) -> None:
+    """Build a seeded random checkpoint (weights, tokenizer, processor) that loads like a real one."""
+    from prism.models.builder import make_model
+
+    path = make_model(family, size, out, seed=seed)
+    typer.echo(str(path))
+
+
+# ---- prism up / prism demo ------------------------------------------------------------------
+
+@app.command("up")
+def up(
+    model: Path = typer.Option(..., "--model", help="Checkpoint directory to serve."),
+    port: int = typer.Option(50051, "--port", help="Scheduler (public) port; 0 picks a free one."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address every service listens on."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16."),
+    device: str = typer.Option("cpu", "--device", help="torch device for the stages, e.g. cuda:0."),
+    threads: int = typer.Option(1, "--threads", help="torch threads per stage process (0: torch's default)."),
+    slots: int = typer.Option(16, "--slots", help="Decode slots (requests decoded at once)."),
+    max_len: int = typer.Option(2048, "--max-len", help="Tokens per request: prompt plus generated."),
+    log_dir: Path = typer.Option(None, "--log-dir", help="Where each service's log goes (default: a temp dir)."),
+) -> None:
+    """Start encoder, prefill, decode and scheduler as processes on loopback; Ctrl-C stops them."""
+    import signal
+    import threading
+
+    from prism.launch import Deployment, DeploymentOptions
+
+    options = DeploymentOptions(model_dir=model, dtype=dtype, device=device, threads=threads, slots=slots,
+                                max_len=max_len, host=host, port=port, log_dir=log_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    deployment = Deployment(options)
+    try:
+        typer.echo(f"starting Prism for {model} (logs in {deployment.log_dir})")
+        deployment.start()
+        for name, address in deployment.endpoints().items():
+            typer.echo(f"  {name:<10} {address}")
+        typer.echo(f"serving on {deployment.address}; Ctrl-C to stop")
+        while not stop.wait(0.5):
+            dead = [c.name for c in deployment.supervisor.children.values() if not c.alive()]
+            if dead:
+                typer.echo(f"service(s) exited: {', '.join(dead)}; stopping (see logs in {deployment.log_dir})", err=True)
+                raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        typer.echo("stopping")
+        deployment.stop()
+
+
+@app.command("demo")
+def demo(
+    models_dir: Path = typer.Option(Path(".models"), "--models-dir", help="Where the tiny demo models are kept."),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", help="Tokens to generate per request."),
+    threads: int = typer.Option(1, "--threads", help="torch threads per stage process."),
+) -> None:
+    """Build the tiny models if missing, bring the system up, send real requests, print timings."""
+    from prism.demo import run_demo
+
+    run_demo(models_dir, max_new_tokens=max_new_tokens, threads=threads)
+
+
+if __name__ == "__main__":
+    app()
