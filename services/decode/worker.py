@@ -46,6 +46,7 @@ class DecodeWorker:
         self.fetch_timeout_s = fetch_timeout_s
         self.outputs: dict[str, asyncio.Queue] = {}
         self._imports: dict[str, asyncio.Task] = {}
+        self._awaiting_slot = 0  # imports taken from the queue that have not reserved a slot yet
         self._cancelled: set[str] = set()
         self._slot_freed = asyncio.Event()
         self._work = asyncio.Event()
@@ -83,12 +84,13 @@ class DecodeWorker:
         stepper = asyncio.create_task(self._step_loop())
         try:
             while True:
-                while self.engine.free_slots - len(self._imports) <= 0:
+                while self.engine.free_slots - self._awaiting_slot <= 0:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                 item = await self.queue.get()
                 if item is None:
                     break
+                self._awaiting_slot += 1
                 self._imports[item.task_id] = asyncio.create_task(self._import(item))
             if self._imports:
                 await asyncio.gather(*self._imports.values(), return_exceptions=True)
@@ -100,6 +102,7 @@ class DecodeWorker:
     async def _import(self, item: WorkItem) -> None:
         rid = item.task_id
         reserved = False
+        awaiting = True
         try:
             if await self.queue.is_cancelled(rid):
                 await self.queue.ack(rid)
@@ -129,6 +132,8 @@ class DecodeWorker:
                         rope_delta = h.rope_delta
                         await self.compute.run(self.engine.reserve, rid, h.prompt_tokens)
                         reserved = True
+                        self._awaiting_slot -= 1
+                        awaiting = False
                         assemblers = {
                             (layer, part): ChunkAssembler(
                                 out=self.engine.kv_destination(rid, layer, part, 0, h.prompt_tokens),
@@ -173,6 +178,8 @@ class DecodeWorker:
         except asyncio.CancelledError:
             await self.queue.ack(rid)
         finally:
+            if awaiting:
+                self._awaiting_slot -= 1
             if reserved:
                 await self.compute.run(self.engine.release, rid)
             self._imports.pop(rid, None)
