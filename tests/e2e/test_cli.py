@@ -47,7 +47,7 @@ def test_prism_up_serves_and_stops_everything_on_ctrl_c(tiny_models, tmp_path):
         with PrismClient(address) as client:
             done = client.complete(prompt="hello", max_new_tokens=4, ignore_eos=True)
         assert len(done.token_ids) == 4
-        children = subprocess.run(["pgrep", "-f", f"--model-dir {tiny_models['llava']}"], capture_output=True,
+        children = subprocess.run(["pgrep", "-f", "--", f"--model-dir {tiny_models['llava']}"], capture_output=True,
                                   text=True).stdout.split()
         assert len(children) >= 4
         proc.send_signal(signal.SIGINT)

@@ -1,0 +1,382 @@
+"""Sync (:class:`PrismClient`) and asyncio (:class:`AsyncPrismClient`) clients of PrismService.
+
+::
+
+    with PrismClient("localhost:50051") as client:
+        for chunk in client.generate("Describe the image.", images=["cat.png"], max_new_tokens=64):
+            print(chunk.text, end="", flush=True)
+        print(client.complete(messages=[{"role": "user", "content": "Hi"}]).text)
+
+    async with AsyncPrismClient("localhost:50051") as client:
+        async for chunk in client.generate("Hello"):
+            ...
+
+Failed calls raise :mod:`prism.client.errors` types. A stream stops cleanly after
+``stream.cancel()`` (or leaving its ``with`` block), and the server sees the cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from prism.client.errors import from_rpc_error
+from prism.client.request import build_request
+from prism.client.types import Completion, ModelList, TokenChunk
+from prism.v1 import prism_pb2, prism_pb2_grpc
+
+Metadata = Sequence[tuple[str, str | bytes]] | Mapping[str, str | bytes]
+
+# The keyword arguments of generate()/complete() that go into the request.
+_REQUEST_KWARGS = (
+    "messages",
+    "images",
+    "audios",
+    "model",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "ttft_ms",
+    "tpot_ms",
+    "deadline_ms",
+    "priority",
+    "request_id",
+    "add_generation_prompt",
+)
+
+
+def _metadata(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
+    if not metadata:
+        return []
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    return [(str(k).lower(), v) for k, v in items]
+
+
+class _Base:
+    def __init__(self, target: str, timeout: float | None, metadata: Metadata | None, credentials, options):
+        if not isinstance(target, str) or not target:
+            raise TypeError("target must be a 'host:port' string")
+        self.target = target
+        self.timeout = timeout
+        self.metadata = _metadata(metadata)
+        self._credentials = credentials
+        self._options = list(options or ())
+
+    def _call_args(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": tuple(self.metadata + _metadata(metadata)) or None,
+        }
+
+
+class TokenStream(Iterator[TokenChunk]):
+    """Iterator over a sync ``Generate`` call. ``cancel()`` ends it (quietly) and cancels the
+    call on the server; use it as a context manager to cancel an unfinished stream on exit."""
+
+    def __init__(self, call):
+        self._call = call
+        self._cancelled = False
+        self._done = False
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> TokenChunk:
+        if self._done:
+            raise StopIteration
+        try:
+            msg = next(self._call)
+        except StopIteration:
+            self._done = True
+            raise
+        except grpc.RpcError as e:
+            self._done = True
+            if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise from_rpc_error(e) from None
+        return TokenChunk.from_proto(msg)
+
+    def cancel(self) -> None:
+        """Stop the stream; the server's handler is cancelled."""
+        if not self._done:
+            self._cancelled = True
+            self._call.cancel()
+
+    close = cancel
+
+    def collect(self) -> Completion:
+        """Read the rest of the stream into one :class:`Completion`."""
+        return Completion.from_chunks(list(self))
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+
+class AsyncTokenStream:
+    """Async iterator over a ``grpc.aio`` ``Generate`` call; see :class:`TokenStream`."""
+
+    def __init__(self, call):
+        self._call = call
+        self._cancelled = False
+        self._done = False
+
+    def __aiter__(self) -> AsyncTokenStream:
+        return self
+
+    async def __anext__(self) -> TokenChunk:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            msg = await self._call.read()
+        except asyncio.CancelledError:
+            if self._cancelled:  # our own cancel(): end quietly
+                self._done = True
+                raise StopAsyncIteration from None
+            raise
+        except grpc.RpcError as e:
+            self._done = True
+            if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                raise StopAsyncIteration from None
+            raise from_rpc_error(e) from None
+        if msg is grpc.aio.EOF:
+            self._done = True
+            raise StopAsyncIteration
+        return TokenChunk.from_proto(msg)
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._cancelled = True
+            self._call.cancel()
+
+    close = cancel
+
+    async def collect(self) -> Completion:
+        return Completion.from_chunks([c async for c in self])
+
+    async def __aenter__(self) -> AsyncTokenStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.cancel()
+
+
+class PrismClient(_Base):
+    """Blocking client. ``timeout`` (seconds) and ``metadata`` apply to every call unless a call
+    gives its own (call metadata is added to the client's). ``credentials``: a
+    ``grpc.ChannelCredentials`` for TLS (insecure otherwise); ``options``: channel options."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ):
+        super().__init__(target, timeout, metadata, credentials, options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=self._options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=self._options)
+        self._stub = prism_pb2_grpc.PrismServiceStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Any] | None = None,
+        images: Any = (),
+        audios: Any = (),
+        model: str = "",
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        ttft_ms: int = 0,
+        tpot_ms: int = 0,
+        deadline_ms: int = 0,
+        priority: int = 0,
+        request_id: str = "",
+        add_generation_prompt: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> TokenStream:
+        """Stream tokens as they are generated (a :class:`TokenStream` of :class:`TokenChunk`).
+        Request arguments as in :func:`prism.client.build_request`."""
+        kw = {k: v for k, v in locals().items() if k in _REQUEST_KWARGS}
+        req = build_request(prompt, **kw)
+        return TokenStream(self._stub.Generate(req, **self._call_args(timeout, metadata)))
+
+    def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Any] | None = None,
+        images: Any = (),
+        audios: Any = (),
+        model: str = "",
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        ttft_ms: int = 0,
+        tpot_ms: int = 0,
+        deadline_ms: int = 0,
+        priority: int = 0,
+        request_id: str = "",
+        add_generation_prompt: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Completion:
+        """The whole completion at once (``GenerateUnary``)."""
+        kw = {k: v for k, v in locals().items() if k in _REQUEST_KWARGS}
+        req = prism_pb2.GenerateUnaryRequest(request=build_request(prompt, **kw))
+        try:
+            resp = self._stub.GenerateUnary(req, **self._call_args(timeout, metadata))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return Completion.from_proto(resp)
+
+    def list_models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> ModelList:
+        """The models this deployment serves and its default model."""
+        try:
+            resp = self._stub.ListModels(prism_pb2.ListModelsRequest(), **self._call_args(timeout, metadata))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return ModelList.from_proto(resp)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> PrismClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncPrismClient(_Base):
+    """asyncio client on ``grpc.aio`` (same arguments as :class:`PrismClient`). Create it inside
+    the event loop that uses it."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ):
+        super().__init__(target, timeout, metadata, credentials, options)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=self._options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=self._options)
+        self._stub = prism_pb2_grpc.PrismServiceStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Any] | None = None,
+        images: Any = (),
+        audios: Any = (),
+        model: str = "",
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        ttft_ms: int = 0,
+        tpot_ms: int = 0,
+        deadline_ms: int = 0,
+        priority: int = 0,
+        request_id: str = "",
+        add_generation_prompt: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncTokenStream:
+        """``async for chunk in client.generate(...)`` (an :class:`AsyncTokenStream`)."""
+        kw = {k: v for k, v in locals().items() if k in _REQUEST_KWARGS}
+        req = build_request(prompt, **kw)
+        return AsyncTokenStream(self._stub.Generate(req, **self._call_args(timeout, metadata)))
+
+    async def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Any] | None = None,
+        images: Any = (),
+        audios: Any = (),
+        model: str = "",
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        ttft_ms: int = 0,
+        tpot_ms: int = 0,
+        deadline_ms: int = 0,
+        priority: int = 0,
+        request_id: str = "",
+        add_generation_prompt: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Completion:
+        kw = {k: v for k, v in locals().items() if k in _REQUEST_KWARGS}
+        req = prism_pb2.GenerateUnaryRequest(request=build_request(prompt, **kw))
+        try:
+            resp = await self._stub.GenerateUnary(req, **self._call_args(timeout, metadata))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return Completion.from_proto(resp)
+
+    async def list_models(
+        self, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> ModelList:
+        try:
+            resp = await self._stub.ListModels(
+                prism_pb2.ListModelsRequest(), **self._call_args(timeout, metadata)
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return ModelList.from_proto(resp)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncPrismClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+__all__ = ["AsyncPrismClient", "AsyncTokenStream", "PrismClient", "TokenStream"]
