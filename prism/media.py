@@ -9,18 +9,25 @@ model's rate.
 from __future__ import annotations
 
 import io
-import math
 import struct
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
 from prism.models.base import InputError
 
 IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF"})
+#: Formats PIL reports for files of an allowed format: a multi-picture JPEG (what many phone
+#: cameras write) opens as "MPO"; its first frame is the primary JPEG image.
+FORMAT_ALIASES = {"MPO": "JPEG"}
 MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 384_000
+#: Largest up/down factor of the polyphase resampler. Its filter has ~20 x max(up, down) taps, so
+#: coprime rates (e.g. 383999 -> 16000) would cost seconds of CPU for any clip; such ratios are
+#: approximated (every common rate reduces to factors <= 640 and stays exact).
+MAX_RESAMPLE_FACTOR = 1_000
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ def decode_image(data: bytes, field: str, limits: MediaLimits):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            fmt = img.format
+            fmt = FORMAT_ALIASES.get(img.format, img.format)
             if fmt not in IMAGE_FORMATS:
                 raise InputError(field, f"unsupported image format {fmt}; use one of {sorted(IMAGE_FORMATS)}")
             width, height = img.size
@@ -51,10 +58,12 @@ def decode_image(data: bytes, field: str, limits: MediaLimits):
             return img.convert("RGB")
     except InputError:
         raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise InputError(field, f"image exceeds the pixel limit of {limits.max_image_pixels} "
+                                f"(or the decoder's own decompression-bomb limit)") from None
     except UnidentifiedImageError:
         raise InputError(field, "not a decodable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError,
-            struct.error, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         raise InputError(field, f"corrupt or truncated image: {exc}") from None
 
 
@@ -74,8 +83,11 @@ def _finish_audio(samples: np.ndarray, rate: int, target_rate: int, field: str, 
     if rate != target_rate:
         from scipy.signal import resample_poly
 
-        g = math.gcd(rate, target_rate)
-        samples = resample_poly(samples, target_rate // g, rate // g)
+        ratio = Fraction(target_rate, rate)
+        if max(ratio.numerator, ratio.denominator) > MAX_RESAMPLE_FACTOR:
+            # keep both factors near MAX_RESAMPLE_FACTOR; the rate error is far below audibility
+            ratio = ratio.limit_denominator(max(1, min(MAX_RESAMPLE_FACTOR, MAX_RESAMPLE_FACTOR * rate // target_rate)))
+        samples = resample_poly(samples, ratio.numerator, ratio.denominator)
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 
@@ -83,7 +95,7 @@ def _parse_wav(data: bytes, field: str) -> tuple[np.ndarray, int]:
     """(samples [frames, channels] float32, rate) from a RIFF/WAVE file."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise InputError(field, "not a RIFF/WAVE file")
-    pos, fmt, payload = 12, None, None
+    pos, fmt, fmt_body, payload = 12, None, b"", None
     while pos + 8 <= len(data):
         chunk_id, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
         body = data[pos + 8 : pos + 8 + size]
@@ -92,7 +104,7 @@ def _parse_wav(data: bytes, field: str) -> tuple[np.ndarray, int]:
         if chunk_id == b"fmt ":
             if size < 16:
                 raise InputError(field, "WAV fmt chunk too short")
-            fmt = struct.unpack("<HHIIHH", body[:16])
+            fmt, fmt_body = struct.unpack("<HHIIHH", body[:16]), body
         elif chunk_id == b"data":
             payload = body
             break
@@ -100,8 +112,10 @@ def _parse_wav(data: bytes, field: str) -> tuple[np.ndarray, int]:
     if fmt is None or payload is None:
         raise InputError(field, "WAV file lacks a fmt or data chunk")
     tag, channels, rate, _, block_align, bits = fmt
-    if tag == 0xFFFE and size >= 16:  # WAVE_FORMAT_EXTENSIBLE: the sub-format decides
-        tag = 3 if bits in (32, 64) and b"\x03\x00\x00\x00\x10\x00" in data[:64] else 1
+    if tag == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the sub-format GUID (fmt bytes 24..40) decides
+        if len(fmt_body) < 26:
+            raise InputError(field, "WAVE_FORMAT_EXTENSIBLE fmt chunk lacks its sub-format")
+        tag = struct.unpack("<H", fmt_body[24:26])[0]
     if channels < 1 or channels > 8:
         raise InputError(field, f"WAV has {channels} channels; 1..8 are supported")
     _check_rate(rate, field)

@@ -205,6 +205,17 @@ def _prompt_text(req: prism_pb2.GenerateRequest, model: ServedModel, limits: Lim
     return prompt, modalities, [v for _, v in decoded]
 
 
+def _media_fields(req: prism_pb2.GenerateRequest) -> list[tuple[str, str]]:
+    """(modality, field) of each media part of `req`, in request order."""
+    if req.WhichOneof("input") == "chat":
+        parts = [(p.media, f"chat.messages[{m}].content[{c}].media")
+                 for m, msg in enumerate(req.chat.messages) for c, p in enumerate(msg.content)
+                 if p.WhichOneof("part") == "media"]
+    else:
+        parts = [(p, f"media[{i}]") for i, p in enumerate(req.media)]
+    return [(IMAGE if p.WhichOneof("kind") == "image" else AUDIO, f) for p, f in parts]
+
+
 def _sampling(req: prism_pb2.GenerateRequest, model: ServedModel, limits: Limits) -> tuple[Sampling, int]:
     s = req.sampling
     max_new = s.max_new_tokens if s.HasField("max_new_tokens") else limits.default_max_new_tokens
@@ -253,6 +264,14 @@ def admit(req: prism_pb2.GenerateRequest, models: dict[str, ServedModel], defaul
         raise _invalid(exc.field, exc.reason) from None
     except (ValueError, TypeError) as exc:
         raise _invalid("prompt", f"the processor rejected the input: {exc}") from None
+    # an item that fills no placeholder token would vanish from the prompt unseen (a Qwen2-Audio
+    # clip of 20 ms or less yields no audio tokens)
+    fields = _media_fields(req)
+    for modality in (IMAGE, AUDIO):
+        mine = [f for m, f in fields if m == modality]
+        for f, item in zip(mine, [i for i in prepared.items if i.modality == modality]):
+            if item.num_tokens < 1:
+                raise _invalid(f, f"{modality} is too short for model {model.name!r}: it yields no {modality} tokens")
     total = len(prepared.input_ids)
     if total + max_new > model.max_context:
         raise _invalid(

@@ -30,11 +30,15 @@ class TextStream:
             end = min(hits)
             self.stopped = True
         else:
-            end = len(text.rstrip("\ufffd"))
+            # an incomplete UTF-8 tail decodes to U+FFFD; hold it, and check stop-string
+            # prefixes against the text before it (else "a" of stop "a✓" leaks out while "✓"
+            # is still incomplete)
+            stable = text.rstrip("\ufffd")
+            end = len(stable)
             for s in self.stop:
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        end = min(end, len(text) - k)
+                for k in range(min(len(s) - 1, len(stable)), 0, -1):
+                    if stable.endswith(s[:k]):
+                        end = min(end, len(stable) - k)
                         break
         out = text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
