@@ -10,7 +10,7 @@ from prism.engine.lm import LanguageModel
 from prism.engine.sampling import Sampling, select_tokens
 from prism.models.base import MediaItem
 
-#: Receives (layer, keys, values), each [prompt_tokens, kv_heads, head_dim] and contiguous.
+#: Receives (layer, keys, values), each a [prompt_tokens, kv_heads, head_dim] view (any strides).
 KvSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -40,7 +40,7 @@ class PrefillEngine:
         """Run the prompt pass, handing each layer's KV to `sink`; returns the first token."""
 
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            sink(layer, k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous())
+            sink(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))
 
         logits = self.lm.prefill(plan.input_ids, media, plan.positions, on_layer)
         return select_tokens(logits.unsqueeze(0), [sampling], [0])[0]

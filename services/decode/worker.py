@@ -5,6 +5,7 @@ generates one token for each active request; requests join and leave between ste
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,16 +13,14 @@ from dataclasses import dataclass
 import grpc
 
 from prism.engine.decode import DecodeEngine, DecodeSpec, Finish, NoFreeSlot, PromptTooLong, TokenEvent
-from prism.engine.kv import KEY, VALUE
 from prism.engine.sampling import Sampling
 from prism.queue.base import TaskState, WorkItem, WorkQueue
 from prism.runtime.stagework import ComputeThread
-from prism.v1 import common_pb2, stages_pb2, stages_pb2_grpc
-from prism.wire.tensors import ChunkAssembler, dtype_from_proto
+from prism.v1 import common_pb2, stages_pb2
+from prism.wire import KvReceiver, fetch_kv_method
 
 log = logging.getLogger(__name__)
 
-PARTS = {stages_pb2.KV_PART_KEY: KEY, stages_pb2.KV_PART_VALUE: VALUE}
 FINISH_TO_PROTO = {Finish.STOP: common_pb2.FINISH_REASON_STOP, Finish.LENGTH: common_pb2.FINISH_REASON_LENGTH}
 
 
@@ -116,48 +115,31 @@ class DecodeWorker:
             if req.sampling.max_new_tokens < 1:
                 raise ImportFailed("INVALID_ARGUMENT", "sampling.max_new_tokens: must be >= 1")
             await self.queue.set_state(rid, TaskState.TRANSFERRING, worker=self.name)
-            stub = stages_pb2_grpc.PrefillServiceStub(self.channel_for(req.prefill_address))
-            call = stub.FetchKv(stages_pb2.FetchKvRequest(request_id=rid), timeout=self.fetch_timeout_s)
-            first_token, rope_delta = None, 0
-            assemblers: dict[tuple[int, int], ChunkAssembler] = {}
+            fetch = fetch_kv_method(self.channel_for(req.prefill_address))
+            receiver: KvReceiver | None = None
+            layout = self.engine.lm.layout
             try:
-                async for msg in call:
-                    kind = msg.WhichOneof("kind")
-                    if kind == "header":
-                        h = msg.header
-                        layout = self.engine.lm.layout
-                        if (h.num_layers, h.num_kv_heads, h.head_dim) != (layout.num_layers, layout.num_kv_heads, layout.head_dim) \
-                                or dtype_from_proto(h.dtype) != self.engine.lm.dtype:
-                            raise ImportFailed("FAILED_PRECONDITION", "KV layout from prefill does not match this decode model")
-                        rope_delta = h.rope_delta
-                        await self.compute.run(self.engine.reserve, rid, h.prompt_tokens)
-                        reserved = True
+                async for msg in fetch(stages_pb2.FetchKvRequest(request_id=rid), timeout=self.fetch_timeout_s):
+                    if receiver is None:
+                        if msg.kind != "header":
+                            raise ValueError("the KV stream did not start with its header")
+                        await self.compute.run(self.engine.reserve, rid, msg.header.prompt_tokens)
+                        reserved, awaiting = True, False
                         self._awaiting_slot -= 1
-                        awaiting = False
-                        assemblers = {
-                            (layer, part): ChunkAssembler(
-                                out=self.engine.kv_destination(rid, layer, part, 0, h.prompt_tokens),
-                                field=f"kv[{layer}][{part}]")
-                            for layer in range(h.num_layers) for part in (KEY, VALUE)
-                        }
-                    elif kind == "chunk" and reserved:
-                        c = msg.chunk
-                        if (c.layer, PARTS.get(c.part)) not in assemblers:
-                            raise ValueError(f"chunk for layer {c.layer} part {c.part} is not in the KV layout")
-                        assemblers[(c.layer, PARTS[c.part])].add(c.chunk)
-                    elif kind == "trailer" and reserved:
-                        missing = [k for k, a in assemblers.items() if not a.complete]
-                        if missing:
-                            raise ImportFailed("INTERNAL", f"KV stream ended with layers {missing[:4]} incomplete")
-                        first_token = msg.trailer.first_token
+                        receiver = KvReceiver(functools.partial(self.engine.kv_destination, rid),
+                                              num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
+                                              head_dim=layout.head_dim, dtype=self.engine.lm.dtype,
+                                              max_tokens=self.engine.max_len)
+                    receiver.feed(msg)
+                if receiver is None:
+                    raise ValueError("the KV stream was empty")
+                first_token, rope_delta = receiver.finish().first_token, receiver.header.rope_delta
             except grpc.aio.AioRpcError as exc:
                 raise ImportFailed(exc.code().name, f"fetching KV from {req.prefill_address}: {exc.details()}") from None
             except (NoFreeSlot, PromptTooLong, ValueError) as exc:
                 code = ("RESOURCE_EXHAUSTED" if isinstance(exc, NoFreeSlot)
                         else "INVALID_ARGUMENT" if isinstance(exc, PromptTooLong) else "INTERNAL")
                 raise ImportFailed(code, str(exc)) from None
-            if first_token is None:
-                raise ImportFailed("INTERNAL", "KV stream ended without its trailer")
             s = req.sampling
             spec = DecodeSpec(rid, first_token, rope_delta,
                               Sampling(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, seed=s.seed),

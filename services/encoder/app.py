@@ -6,6 +6,7 @@ from prism.models.loading import ENCODER
 from prism.queue.memory import InMemoryWorkQueue
 from prism.runtime.stagework import ComputeThread, StageApp
 from prism.v1 import stages_pb2_grpc
+from prism.wire import add_bulk_servicer_to_server
 from services.encoder.config import EncoderConfig
 from services.encoder.servicer import EncoderServicer
 from services.encoder.worker import EncoderWorker
@@ -22,5 +23,5 @@ async def build(config: EncoderConfig) -> StageApp:
     async def on_stop() -> None:
         compute.shutdown()
 
-    return StageApp("prism.v1.EncoderService", lambda s: stages_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, s),
+    return StageApp("prism.v1.EncoderService", lambda s: add_bulk_servicer_to_server(stages_pb2_grpc.add_EncoderServiceServicer_to_server, servicer, s),
                     queue, worker.run, on_stop, {"servicer": servicer, "worker": worker, "engine": engine})

@@ -6,7 +6,7 @@ import grpc
 from prism.queue.base import TaskEvent, WorkQueue
 from prism.runtime.stagework import enqueue_and_watch, work_item
 from prism.v1 import stages_pb2, stages_pb2_grpc
-from prism.wire.tensors import iter_chunks
+from prism.wire import iter_embeddings
 from services.encoder.worker import EncoderWorker
 
 
@@ -33,6 +33,6 @@ class EncoderServicer(stages_pb2_grpc.EncoderServiceServicer):
         if embeddings is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no embeddings held for {request.request_id!r}")
         for index, emb in enumerate(embeddings):
-            for chunk in iter_chunks(emb, self.chunk_bytes):
-                yield stages_pb2.FetchEmbeddingsResponse(item=index, total_rows=emb.shape[0], chunk=chunk)
+            for encoded in iter_embeddings(index, emb, max_chunk_bytes=self.chunk_bytes):
+                yield encoded  # pre-encoded FetchEmbeddingsResponse (one copy from the tensor)
         await self.worker.fetched(request.request_id)

@@ -3,7 +3,6 @@ up to a token budget, runs the tower in the compute thread, and holds the embedd
 prefill worker pulls them."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 

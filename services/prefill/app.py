@@ -7,6 +7,7 @@ from prism.models.loading import LANGUAGE
 from prism.queue.memory import InMemoryWorkQueue
 from prism.runtime.stagework import Channels, ComputeThread, StageApp
 from prism.v1 import stages_pb2_grpc
+from prism.wire import add_bulk_servicer_to_server
 from services.prefill.config import PrefillConfig
 from services.prefill.servicer import PrefillServicer
 from services.prefill.worker import PrefillWorker
@@ -25,5 +26,5 @@ async def build(config: PrefillConfig) -> StageApp:
         await channels.close()
         compute.shutdown()
 
-    return StageApp("prism.v1.PrefillService", lambda s: stages_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, s),
+    return StageApp("prism.v1.PrefillService", lambda s: add_bulk_servicer_to_server(stages_pb2_grpc.add_PrefillServiceServicer_to_server, servicer, s),
                     queue, worker.run, on_stop, {"servicer": servicer, "worker": worker, "engine": engine})

@@ -6,11 +6,9 @@ import grpc
 from prism.queue.base import TaskEvent, WorkQueue
 from prism.runtime.stagework import enqueue_and_watch, work_item
 from prism.v1 import stages_pb2, stages_pb2_grpc
-from prism.wire.tensors import dtype_to_proto, iter_chunks
+from prism.wire import dtype_to_proto, iter_kv_layer
 from services.prefill.outbox import KvFailed
 from services.prefill.worker import PrefillWorker
-
-KEY, VALUE = stages_pb2.KV_PART_KEY, stages_pb2.KV_PART_VALUE
 
 
 class PrefillServicer(stages_pb2_grpc.PrefillServiceServicer):
@@ -45,9 +43,8 @@ class PrefillServicer(stages_pb2_grpc.PrefillServiceServicer):
             async for event in outbox.follow():
                 if event[0] == "layer":
                     _, layer, keys, values = event
-                    for part, tensor in ((KEY, keys), (VALUE, values)):
-                        for chunk in iter_chunks(tensor, self.chunk_bytes):
-                            yield stages_pb2.FetchKvResponse(chunk=stages_pb2.KvChunk(layer=layer, part=part, chunk=chunk))
+                    for encoded in iter_kv_layer(layer, keys, values, max_chunk_bytes=self.chunk_bytes):
+                        yield encoded  # pre-encoded FetchKvResponse (one copy from the tensor)
                 else:
                     yield stages_pb2.FetchKvResponse(trailer=stages_pb2.KvTrailer(first_token=event[1]))
         except KvFailed as exc:

@@ -17,8 +17,8 @@ from prism.models.base import MediaItem
 from prism.queue.base import TaskState, UnknownTask, WorkItem, WorkQueue
 from prism.runtime.convert import item_from_info
 from prism.runtime.stagework import ComputeThread, HeldOutputs
-from prism.v1 import stages_pb2, stages_pb2_grpc
-from prism.wire.tensors import ChunkAssembler, dtype_from_proto
+from prism.v1 import stages_pb2
+from prism.wire import EmbeddingsReceiver, fetch_embeddings_method
 from services.prefill.outbox import KvMeta, KvOutbox
 
 log = logging.getLogger(__name__)
@@ -56,31 +56,21 @@ class PrefillWorker:
             return {}
         if not req.encoder_address:
             raise StageFailure("INVALID_ARGUMENT", "encoder_address: required for a request with media")
-        stub = stages_pb2_grpc.EncoderServiceStub(self.channel_for(req.encoder_address))
-        assemblers: list[ChunkAssembler | None] = [None] * len(items)
-        call = stub.FetchEmbeddings(stages_pb2.FetchEmbeddingsRequest(request_id=req.header.request_id),
-                                    timeout=self.fetch_timeout_s)
+        receiver = EmbeddingsReceiver(expected_rows=[i.num_tokens for i in items],
+                                      hidden=int(self.engine.lm.adapter.text_config.hidden_size))
+        fetch = fetch_embeddings_method(self.channel_for(req.encoder_address))
         try:
-            async for msg in call:
-                if not 0 <= msg.item < len(items):
-                    raise StageFailure("INTERNAL", f"encoder sent item {msg.item} of {len(items)}")
-                if assemblers[msg.item] is None:
-                    if msg.total_rows != items[msg.item].num_tokens:
-                        raise StageFailure("INTERNAL", f"encoder sent {msg.total_rows} rows for item {msg.item}'s "
-                                                       f"{items[msg.item].num_tokens} tokens")
-                    assemblers[msg.item] = ChunkAssembler((msg.total_rows, *msg.chunk.shape[1:]),
-                                                          dtype_from_proto(msg.chunk.dtype, field="chunk.dtype"),
-                                                          field=f"embeddings[{msg.item}]")
-                assemblers[msg.item].add(msg.chunk)
+            async for msg in fetch(stages_pb2.FetchEmbeddingsRequest(request_id=req.header.request_id),
+                                   timeout=self.fetch_timeout_s):
+                receiver.feed(msg)
+            embeddings = receiver.finish()
         except ValueError as exc:
             raise StageFailure("INTERNAL", f"bad embeddings from {req.encoder_address}: {exc}") from None
         except grpc.aio.AioRpcError as exc:
             raise StageFailure(exc.code().name, f"fetching embeddings from {req.encoder_address}: {exc.details()}") from None
         media: dict[str, list[torch.Tensor]] = {}
-        for i, (item, asm) in enumerate(zip(items, assemblers)):
-            if asm is None or not asm.complete:
-                raise StageFailure("INTERNAL", f"encoder stream ended before item {i} was complete")
-            media.setdefault(item.modality, []).append(asm.result())
+        for item, emb in zip(items, embeddings):
+            media.setdefault(item.modality, []).append(emb)
         return media
 
     async def _process(self, item: WorkItem) -> None:
