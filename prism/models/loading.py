@@ -45,14 +45,15 @@ def _drop(model: nn.Module, path: str) -> None:
 
 
 def load_model(model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
-               parts: frozenset[str] = frozenset({ENCODER, LANGUAGE})) -> LoadedModel:
-    """Load `model_dir` keeping only `parts` ({"encode", "language"})."""
+               parts: frozenset[str] = frozenset({ENCODER, LANGUAGE}), attn: str | None = None) -> LoadedModel:
+    """Load `model_dir` keeping only `parts` ({"encode", "language"}). `attn` overrides the
+    attention implementation (default: `attention_implementation(device)`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     adapter = adapter_for(model_dir)
     dev = torch.device(device)
     model = adapter.model_class.from_pretrained(
-        str(model_dir), dtype=DTYPES[dtype], attn_implementation=attention_implementation(dev)
+        str(model_dir), dtype=DTYPES[dtype], attn_implementation=attn or attention_implementation(dev)
     )
     if ENCODER not in parts:
         for path in adapter.encoder_modules():
@@ -86,5 +87,5 @@ class ModelOptions:
         except RuntimeError as exc:
             check(False, "device", str(exc))
 
-    def load(self, parts: frozenset[str]) -> LoadedModel:
-        return load_model(self.model_dir, dtype=self.dtype, device=self.device, parts=parts)
+    def load(self, parts: frozenset[str], attn: str | None = None) -> LoadedModel:
+        return load_model(self.model_dir, dtype=self.dtype, device=self.device, parts=parts, attn=attn)

@@ -12,10 +12,14 @@ from services.decode.config import DecodeConfig
 from services.decode.servicer import DecodeServicer
 from services.decode.worker import DecodeWorker
 
+DECODE_ATTENTION = "sdpa"
+
 
 async def build(config: DecodeConfig) -> StageApp:
     compute = ComputeThread("decode", config.model.threads)
-    lm = LanguageModel(await compute.run(config.model.load, frozenset({LANGUAGE})))
+    # Decode attends over slot buffers with per-row 4-D masks, which SDPA takes on every device;
+    # flash-attn's kernels do not (prefill, with plain causal masks, uses flash-attn on CUDA).
+    lm = LanguageModel(await compute.run(config.model.load, frozenset({LANGUAGE}), DECODE_ATTENTION))
     if config.max_len > lm.adapter.max_context:
         raise ConfigError("max_len", f"{config.max_len} exceeds the model's context of {lm.adapter.max_context}")
     engine = await compute.run(DecodeEngine, lm, config.slots, config.max_len)
