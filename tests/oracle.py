@@ -10,6 +10,11 @@ from prism.models.base import IMAGE
 from prism.models.registry import adapter_for
 
 
+#: Prompts of different lengths for the oracle comparisons.
+TEXTS = ["hello there", "the quick brown fox jumps over the lazy dog", "a b c", "tell me about the weather today please",
+         "zebra", "one more thing to say", "why", "count to ten slowly and then stop please"]
+
+
 class Oracle:
     def __init__(self, model_dir: Path):
         self.adapter = adapter_for(model_dir)

@@ -12,7 +12,8 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from prism.queue.base import DuplicateTask, QueueClosed, QueueFull, TaskEvent, TaskState, WorkItem, WorkQueue
+from prism.queue.base import (DuplicateTask, QueueClosed, QueueFull, TaskEvent, TaskState, UnknownTask, WorkItem,
+                              WorkQueue)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,13 +48,6 @@ def work_item(header: Any, payload: bytes) -> WorkItem:
     )
 
 
-def check_header(header: Any, context: grpc.aio.ServicerContext) -> Any:
-    """Validates the fields every task needs; returns an abort coroutine or None."""
-    if not header.request_id:
-        return context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.request_id: required")
-    return None
-
-
 async def enqueue_and_watch(queue: WorkQueue, item: WorkItem, context: grpc.aio.ServicerContext,
                             respond: Callable[[TaskEvent], Any]) -> AsyncIterator[Any]:
     """Put `item` in the stage queue and stream `respond(event)` for each state change until
@@ -84,6 +78,16 @@ async def enqueue_and_watch(queue: WorkQueue, item: WorkItem, context: grpc.aio.
     finally:
         if not finished:
             await queue.cancel(item.task_id, code="CANCELLED", message="caller went away")
+
+
+async def submit_task(queue: WorkQueue, request: Any, context: grpc.aio.ServicerContext,
+                      respond: Callable[[TaskEvent], Any]) -> AsyncIterator[Any]:
+    """A task RPC (Encode, Prefill): validate the header, queue the task, stream its states."""
+    if not request.header.request_id:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.request_id: required")
+    item = work_item(request.header, request.SerializeToString())
+    async for response in enqueue_and_watch(queue, item, context, respond):
+        yield response
 
 
 class HeldOutputs(Generic[T]):
@@ -121,6 +125,14 @@ class HeldOutputs(Generic[T]):
         self._waiters.pop(request_id, None)
         entry = self._items.pop(request_id, None)
         return entry[1] if entry else None
+
+    async def release(self, request_id: str, queue: WorkQueue) -> None:
+        """The downstream worker pulled the output: drop it and mark the task DONE."""
+        self.pop(request_id)
+        try:
+            await queue.set_state(request_id, TaskState.DONE)
+        except UnknownTask:
+            pass
 
     def expire(self) -> list[str]:
         """Drop outputs older than the TTL; returns their request ids."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import grpc
 
 from prism.queue.base import TaskEvent, WorkQueue
-from prism.runtime.stagework import enqueue_and_watch, work_item
+from prism.runtime.stagework import submit_task
 from prism.v1 import stages_pb2, stages_pb2_grpc
 from prism.wire import iter_embeddings
 from services.encoder.worker import EncoderWorker
@@ -22,10 +22,7 @@ class EncoderServicer(stages_pb2_grpc.EncoderServiceServicer):
         )
 
     async def Encode(self, request: stages_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
-        if not request.header.request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.request_id: required")
-        item = work_item(request.header, request.SerializeToString())
-        async for response in enqueue_and_watch(self.queue, item, context, self._respond):
+        async for response in submit_task(self.queue, request, context, self._respond):
             yield response
 
     async def FetchEmbeddings(self, request: stages_pb2.FetchEmbeddingsRequest, context: grpc.aio.ServicerContext):

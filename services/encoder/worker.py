@@ -10,7 +10,7 @@ import torch
 
 from prism.engine.encoder import EncoderEngine
 from prism.models.base import MediaItem
-from prism.queue.base import TaskState, UnknownTask, WorkItem, WorkQueue
+from prism.queue.base import TaskState, WorkItem, WorkQueue
 from prism.runtime.convert import item_from_input
 from prism.runtime.stagework import ComputeThread, HeldOutputs
 from prism.v1 import stages_pb2
@@ -98,9 +98,5 @@ class EncoderWorker:
             await self.queue.ack(item.task_id)
 
     async def fetched(self, request_id: str) -> None:
-        """The prefill worker has pulled a request's embeddings: release them."""
-        self.held.pop(request_id)
-        try:
-            await self.queue.set_state(request_id, TaskState.DONE)
-        except UnknownTask:
-            pass
+        """The downstream worker has pulled this request's output: release it."""
+        await self.held.release(request_id, self.queue)

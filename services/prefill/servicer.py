@@ -4,7 +4,7 @@ from __future__ import annotations
 import grpc
 
 from prism.queue.base import TaskEvent, WorkQueue
-from prism.runtime.stagework import enqueue_and_watch, work_item
+from prism.runtime.stagework import submit_task
 from prism.v1 import stages_pb2, stages_pb2_grpc
 from prism.wire import dtype_to_proto, iter_kv_layer
 from services.prefill.outbox import KvFailed
@@ -25,10 +25,7 @@ class PrefillServicer(stages_pb2_grpc.PrefillServiceServicer):
         )
 
     async def Prefill(self, request: stages_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
-        if not request.header.request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.request_id: required")
-        item = work_item(request.header, request.SerializeToString())
-        async for response in enqueue_and_watch(self.queue, item, context, self._respond):
+        async for response in submit_task(self.queue, request, context, self._respond):
             yield response
 
     async def FetchKv(self, request: stages_pb2.FetchKvRequest, context: grpc.aio.ServicerContext):

@@ -14,7 +14,7 @@ import torch
 from prism.engine.prefill import PrefillEngine
 from prism.engine.sampling import Sampling
 from prism.models.base import MediaItem
-from prism.queue.base import TaskState, UnknownTask, WorkItem, WorkQueue
+from prism.queue.base import TaskState, WorkItem, WorkQueue
 from prism.runtime.convert import item_from_info
 from prism.runtime.stagework import ComputeThread, HeldOutputs
 from prism.v1 import stages_pb2
@@ -120,8 +120,5 @@ class PrefillWorker:
             await self.queue.ack(rid)
 
     async def fetched(self, request_id: str) -> None:
-        self.held.pop(request_id)
-        try:
-            await self.queue.set_state(request_id, TaskState.DONE)
-        except UnknownTask:
-            pass
+        """The downstream worker has pulled this request's output: release it."""
+        await self.held.release(request_id, self.queue)

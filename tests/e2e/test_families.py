@@ -11,12 +11,10 @@ import pytest
 from prism.client import AsyncPrismClient, PrismClient
 from prism.launch import Deployment, DeploymentOptions
 from tests.conftest import FAMILIES, random_audio, random_image, wav_bytes
-from tests.oracle import Oracle
+from tests.oracle import TEXTS, Oracle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-TEXTS = ["hello there", "the quick brown fox jumps over the lazy dog", "a b c", "tell me about the weather",
-         "zebra", "one more thing to say", "why", "count to ten slowly and then stop please"]
 
 
 class Family:

@@ -13,11 +13,9 @@ from prism.engine.sampling import Sampling
 from prism.models.base import AUDIO, IMAGE
 from prism.models.loading import ENCODER, LANGUAGE, load_model
 from tests.conftest import FAMILIES, random_audio, random_image
-from tests.oracle import Oracle
+from tests.oracle import TEXTS, Oracle
 
 N = 8
-TEXTS = ["hello there", "the quick brown fox jumps over", "a b c", "tell me about the weather today please",
-         "zebra", "one more thing", "why", "count to ten slowly and then stop"]
 
 
 class Stack:
