@@ -75,3 +75,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server (Debian's) on a free loopback port, append-only, for the session.
+    Tests that use it take `redis_url` (a fresh logical database) or `redis_proc` (to restart)."""
+    from prism.runtime.redisproc import RedisProcess
+
+    proc = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def redis_proc(tmp_path):
+    """A redis-server of this test's own (so it may be killed and restarted)."""
+    from prism.runtime.redisproc import RedisProcess
+
+    proc = RedisProcess(tmp_path / "redis").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def redis_url(redis_server):
+    """URL of a flushed database on the session's redis-server; flushed again afterwards, so no
+    test leaves a queue behind."""
+    import redis.asyncio as aioredis
+
+    url = redis_server.url
+    client = aioredis.from_url(url)
+    await client.flushdb()
+    try:
+        yield url
+    finally:
+        await client.flushdb()
+        await client.aclose()

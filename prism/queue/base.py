@@ -18,7 +18,11 @@ Delivery model (what every implementation guarantees)
   `set_state` on a finished task is a no-op that returns False, which is how a worker loses a
   race against `cancel` gracefully.
 * **Ordering.** Higher `priority` first; within a priority, earliest deadline first (items
-  without a deadline after every item with one); then first in, first out.
+  without a deadline after every item with one); then the smaller `cost` (short requests
+  first); then first in, first out.
+* **Dead letters.** A message that cannot be processed (undecodable, or naming a request
+  that no longer exists) is dead-lettered with a reason: FAILED, acked, never retried, and
+  listed by `dead_letters()`. Redelivery past the maximum attempts dead-letters too.
 * **Events.** `watch(task_id)` yields the current state first, then every change, and ends
   after the terminal event. Any number of watchers may follow one task.
 * **Bounded memory.** Terminal task records are forgotten once every watcher has seen the
@@ -133,6 +137,14 @@ class WorkItem:
     """W3C trace context (``traceparent``, ``tracestate``) to continue the caller's trace."""
     attempt: int = 1
     """Delivery attempt, 1 on the first delivery, incremented on each redelivery."""
+    cost: int = 0
+    """Work size in tokens (image tokens for the encoder, prompt tokens for prefill, tokens to
+    generate for decode). Within a priority class and deadline, cheaper items go first (short
+    requests favoured, as in ModServe); routing and autoscaling add it up as pending load."""
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    """Small routing facts readable without parsing the payload: ``upstream`` (the worker
+    holding this task's input), ``strategy`` (the modality strategy), ``placement``
+    (``split`` or ``colocated``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.task_id, str) or not self.task_id:
@@ -145,7 +157,10 @@ class WorkItem:
             raise ValueError("deadline_unix_ms must be >= 0 (0 means none)")
         if self.attempt < 1:
             raise ValueError("attempt must be >= 1")
+        if self.cost < 0:
+            raise ValueError("cost must be >= 0")
         object.__setattr__(self, "trace_context", dict(self.trace_context))
+        object.__setattr__(self, "attrs", {str(k): str(v) for k, v in self.attrs.items()})
 
 
 @dataclass(frozen=True)
@@ -237,6 +252,19 @@ class WorkQueue(abc.ABC):
     @abc.abstractmethod
     async def is_cancelled(self, task_id: str) -> bool:
         """True when the task was cancelled (workers poll this between steps)."""
+
+    @abc.abstractmethod
+    async def dead_letter(self, task_id: str, reason: str) -> bool:
+        """Gives up on a delivered or waiting task for good: marks it FAILED (``code`` from the
+        reason's kind, default ``"ABORTED"``; ``message`` = reason) unless already terminal,
+        acks it, and records ``(task_id, reason)`` in the dead-letter list.
+
+        Returns False when the task is unknown.
+        """
+
+    @abc.abstractmethod
+    async def dead_letters(self, limit: int = 100) -> list[tuple[str, str]]:
+        """The most recent dead letters, newest last: ``(task_id, reason)``."""
 
     @abc.abstractmethod
     async def depth(self) -> int:

@@ -33,8 +33,8 @@ __all__ = ["InMemoryWorkQueue"]
 
 log = logging.getLogger(__name__)
 
-# Heap entry: (-priority, deadline key (inf when none), sequence number, task id).
-_Entry = tuple[int, float, int, str]
+# Heap entry: (-priority, deadline key (inf when none), cost, sequence number, task id).
+_Entry = tuple[int, float, int, int, str]
 
 
 @dataclasses.dataclass(eq=False)
@@ -95,6 +95,7 @@ class InMemoryWorkQueue(WorkQueue):
         self._heap: list[_Entry] = []
         self._records: dict[str, _Record] = {}
         self._getters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._dead: collections.deque[tuple[str, str]] = collections.deque(maxlen=1000)
         self._seq = 0
         self._closed = False
 
@@ -194,6 +195,7 @@ class InMemoryWorkQueue(WorkQueue):
             return False
         rec.delivered = False
         if rec.item.attempt >= self._max_attempts:
+            self._dead.append((task_id, f"gave up after {rec.item.attempt} attempts"))
             self._set(
                 rec,
                 TaskState.FAILED,
@@ -262,6 +264,24 @@ class InMemoryWorkQueue(WorkQueue):
         rec = self._records.get(task_id)
         return rec is not None and rec.state is TaskState.CANCELLED
 
+    async def dead_letter(self, task_id: str, reason: str) -> bool:
+        rec = self._records.get(task_id)
+        if rec is None:
+            return False
+        if rec.entry is not None:
+            self._remove_from_heap(rec)
+        self._dead.append((task_id, reason))
+        log.warning("dead-lettered %s: %s", task_id, reason)
+        rec.delivered = False
+        if not rec.state.terminal:
+            self._set(rec, TaskState.FAILED, {"code": "ABORTED", "message": f"dead-lettered: {reason}"})
+        else:
+            self._maybe_forget(rec)
+        return True
+
+    async def dead_letters(self, limit: int = 100) -> list[tuple[str, str]]:
+        return list(self._dead)[-limit:] if limit > 0 else []
+
     async def depth(self) -> int:
         return len(self._heap)
 
@@ -269,7 +289,7 @@ class InMemoryWorkQueue(WorkQueue):
         if self._closed:
             return
         self._closed = True
-        waiting = [self._records[entry[3]] for entry in sorted(self._heap)]
+        waiting = [self._records[entry[-1]] for entry in sorted(self._heap)]
         self._heap.clear()
         for rec in waiting:
             rec.entry = None
@@ -283,8 +303,8 @@ class InMemoryWorkQueue(WorkQueue):
 
     def _push(self, rec: _Record) -> None:
         deadline = rec.item.deadline_unix_ms
-        rec.entry = (-rec.item.priority, float(deadline) if deadline > 0 else math.inf, rec.seq,
-                     rec.item.task_id)
+        rec.entry = (-rec.item.priority, float(deadline) if deadline > 0 else math.inf, rec.item.cost,
+                     rec.seq, rec.item.task_id)
         heapq.heappush(self._heap, rec.entry)
         self._wake_one()
 
@@ -298,7 +318,7 @@ class InMemoryWorkQueue(WorkQueue):
         """Pops the best deliverable item, failing expired ones on the way."""
         while self._heap:
             entry = heapq.heappop(self._heap)
-            rec = self._records[entry[3]]
+            rec = self._records[entry[-1]]
             rec.entry = None
             deadline = rec.item.deadline_unix_ms
             if self._drop_expired and deadline > 0 and deadline <= self._clock() * 1000.0:
