@@ -70,26 +70,36 @@ def up(
     slots: int = typer.Option(16, "--slots", help="Decode slots (requests decoded at once)."),
     max_len: int = typer.Option(2048, "--max-len", help="Tokens per request: prompt plus generated."),
     log_dir: Path = typer.Option(None, "--log-dir", help="Where each service's log goes (default: a temp dir)."),
+    redis_url: str = typer.Option("", "--redis-url", help="Redis for the queues; empty starts a local redis-server (append-only)."),
+    layout: str = typer.Option("split", "--layout", help="split (a process per stage), colocated (one process, all stages) or mixed."),
+    placement: str = typer.Option("adaptive", "--placement", help="Scheduler placement: adaptive, split or colocated."),
+    autoscale: bool = typer.Option(False, "--autoscale/--no-autoscale", help="Start and stop stage workers to match the scheduler's desired replicas."),
+    min_replicas: int = typer.Option(1, "--min-replicas", help="Autoscaling: fewest workers per stage."),
+    max_replicas: int = typer.Option(4, "--max-replicas", help="Autoscaling: most workers per stage."),
 ) -> None:
-    """Start encoder, prefill, decode and scheduler as processes on loopback; Ctrl-C stops them."""
+    """Start Redis (unless --redis-url), the stage workers and the scheduler as processes on
+    loopback; Ctrl-C stops them."""
     import signal
     import threading
 
     from prism.launch import Deployment, DeploymentOptions
 
     options = DeploymentOptions(model_dir=model, dtype=dtype, device=device, threads=threads, slots=slots,
-                                max_len=max_len, host=host, port=port, log_dir=log_dir)
+                                max_len=max_len, host=host, port=port, log_dir=log_dir, redis_url=redis_url,
+                                layout=layout, placement=placement, autoscale=autoscale, min_replicas=min_replicas,
+                                max_replicas=max_replicas)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     deployment = Deployment(options)
     try:
         typer.echo(f"starting Prism for {model} (logs in {deployment.log_dir})")
         deployment.start()
+        typer.echo(f"  {'redis':<14} {deployment.redis_url}")
         for name, address in deployment.endpoints().items():
-            typer.echo(f"  {name:<10} {address}")
+            typer.echo(f"  {name:<14} {address}")
         typer.echo(f"serving on {deployment.address}; Ctrl-C to stop")
         while not stop.wait(0.5):
-            dead = [c.name for c in deployment.supervisor.children.values() if not c.alive()]
+            dead = [n for n in ("scheduler",) if not deployment.supervisor[n].alive()]
             if dead:
                 typer.echo(f"service(s) exited: {', '.join(dead)}; stopping (see logs in {deployment.log_dir})", err=True)
                 raise typer.Exit(1)

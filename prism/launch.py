@@ -1,12 +1,20 @@
-"""Bring a whole deployment up on this machine: the encoder, prefill, decode and scheduler
-services as separate processes on loopback, each health-checked before the next starts.
+"""Bring a whole deployment up on this machine: Redis (unless one is given), the stage workers
+and the scheduler as separate processes on loopback, each health-checked, and a local
+supervisor that acts on the scheduler's autoscaling advice.
+
+Layouts: ``split`` (one process per stage: encode, prefill, decode), ``colocated`` (one process
+hosting all three stages) and ``mixed`` (both: the scheduler's adaptive placement takes the
+colocated path at low load and spreads bursts over the split workers).
 
 Used by `prism up`, `prism demo`, the end-to-end tests and the benchmarks.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,12 +22,15 @@ from prism.runtime.procs import Supervisor
 from prism.wire import GLIBC_TUNABLES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 
-SERVICES = {
-    "encoder": "prism.v1.EncoderService",
-    "prefill": "prism.v1.PrefillService",
-    "decode": "prism.v1.DecodeService",
-    "scheduler": "prism.v1.PrismService",
+STAGE_SERVICES = {"encode": "prism.v1.EncoderService", "prefill": "prism.v1.PrefillService",
+                  "decode": "prism.v1.DecodeService"}
+STAGE_MODULES = {"encode": "encoder", "prefill": "prefill", "decode": "decode"}
+LAYOUTS = {
+    "split": (("encode",), ("prefill",), ("decode",)),
+    "colocated": (("encode", "prefill", "decode"),),
+    "mixed": (("encode", "prefill", "decode"), ("encode",), ("prefill",), ("decode",)),
 }
 
 
@@ -28,7 +39,7 @@ class DeploymentOptions:
     model_dir: Path
     dtype: str = "float32"
     device: str = "cpu"
-    #: torch threads per stage process (0: torch's default).
+    #: torch threads per worker process (0: torch's default).
     threads: int = 1
     slots: int = 16
     max_len: int = 2048
@@ -36,9 +47,24 @@ class DeploymentOptions:
     #: Fixed scheduler port (0: any free port).
     port: int = 0
     log_dir: Path | None = None
-    #: Extra arguments per service, e.g. {"scheduler": ["--max-images", "4"]}.
+    #: Redis to use; empty starts a redis-server (append-only) in the log directory.
+    redis_url: str = ""
+    namespace: str = "prism"
+    #: split, colocated or mixed (see the module docstring).
+    layout: str = "split"
+    #: The scheduler's placement policy: adaptive, split or colocated.
+    placement: str = "adaptive"
+    #: Act on the scheduler's desired replicas (start/stop split workers within the bounds).
+    autoscale: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 4
+    #: Extra arguments per process kind ("scheduler", "encode", "prefill", "decode", "worker").
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     start_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: must be one of {', '.join(LAYOUTS)}")
 
 
 class Deployment:
@@ -54,6 +80,12 @@ class Deployment:
         self.log_dir = Path(log_dir)
         self.supervisor = Supervisor(self.log_dir, env={"GLIBC_TUNABLES": GLIBC_TUNABLES}, host=options.host,
                                      start_timeout_s=options.start_timeout_s, cwd=REPO_ROOT)
+        self.redis = None
+        self.redis_url = options.redis_url
+        self._seq: dict[str, int] = {}
+        self._scaler: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
 
     @property
     def address(self) -> str:
@@ -63,30 +95,121 @@ class Deployment:
     def endpoints(self) -> dict[str, str]:
         return self.supervisor.endpoints()
 
-    def _start(self, stage: str, args: list[str]) -> str:
+    def workers(self, stages: tuple[str, ...] | None = None) -> list[str]:
+        """Names of the running worker processes (hosting exactly `stages` when given)."""
+        return [n for n, c in self.supervisor.children.items()
+                if n != "scheduler" and c.alive() and (stages is None or n.rsplit("-", 1)[0] == "+".join(stages))]
+
+    def _queue_args(self) -> list[str]:
+        return ["--redis-url", self.redis_url, "--namespace", self.options.namespace]
+
+    def start_worker(self, stages: tuple[str, ...]) -> str:
+        """Start one worker process hosting `stages`; returns its name (also its registry name)."""
         o = self.options
-        argv = ["--host", o.host, *args, *o.extra_args.get(stage, [])]
-        return self.supervisor.start_service(stage, argv, health_service=SERVICES[stage]).address
+        kind = "+".join(stages)
+        with self._lock:
+            self._seq[kind] = self._seq.get(kind, 0) + 1
+            name = f"{kind}-{self._seq[kind]}"
+        model = ["--model-dir", str(o.model_dir), "--dtype", o.dtype, "--device", o.device, "--threads", str(o.threads)]
+        argv = ["--host", o.host, *model, *self._queue_args(), "--worker-name", name]
+        if len(stages) == 1:
+            stage = stages[0]
+            if stage == "decode":
+                argv += ["--slots", str(o.slots), "--max-len", str(o.max_len)]
+            argv += o.extra_args.get(stage, [])
+            self.supervisor.start_service(STAGE_MODULES[stage], argv, name=name,
+                                          health_service=STAGE_SERVICES[stage])
+        else:
+            argv += ["--stages", ",".join(stages), "--slots", str(o.slots), "--max-len", str(o.max_len),
+                     *o.extra_args.get("worker", [])]
+            self.supervisor.start_service("worker", argv, name=name, health_service=STAGE_SERVICES[stages[-1]])
+        return name
 
     def start(self) -> "Deployment":
         o = self.options
-        model = ["--model-dir", str(o.model_dir), "--dtype", o.dtype, "--device", o.device, "--threads", str(o.threads)]
         try:
-            encoder = self._start("encoder", model)
-            prefill = self._start("prefill", model)
-            decode = self._start("decode", [*model, "--slots", str(o.slots), "--max-len", str(o.max_len)])
-            sched = ["--model-dir", str(o.model_dir), "--encoder", encoder, "--prefill", prefill, "--decode", decode,
-                     "--max-context", str(o.max_len)]
+            if not self.redis_url:
+                from prism.runtime.redisproc import RedisProcess
+
+                self.redis = RedisProcess(self.log_dir / "redis", host=o.host).start()
+                self.redis_url = self.redis.url
+            for stages in LAYOUTS[o.layout]:
+                self.start_worker(stages)
+            sched = ["--host", o.host, "--model-dir", str(o.model_dir), "--max-context", str(o.max_len),
+                     *self._queue_args(), "--placement", o.placement, "--min-replicas", str(o.min_replicas),
+                     "--max-replicas", str(o.max_replicas), *o.extra_args.get("scheduler", [])]
             if o.port:
                 sched += ["--port", str(o.port)]
-            self._start("scheduler", sched)
+            self.supervisor.start_service("scheduler", sched, health_service="prism.v1.PrismService")
+            self.wait_for_workers(len(self.workers()))
+            if o.autoscale:
+                self._scaler = threading.Thread(target=self._scale_loop, name="autoscale", daemon=True)
+                self._scaler.start()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def status(self, timeout: float = 5.0):
+        """The scheduler's admin status (`GetStatusResponse`)."""
+        import grpc
+
+        from prism.v1 import admin_pb2, admin_pb2_grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            return admin_pb2_grpc.SchedulerAdminServiceStub(channel).GetStatus(admin_pb2.GetStatusRequest(),
+                                                                              timeout=timeout)
+
+    def wait_for_workers(self, count: int, timeout: float = 60.0) -> None:
+        """Wait until the scheduler sees `count` live workers."""
+        until = time.monotonic() + timeout
+        while True:
+            seen = len(self.status().workers)
+            if seen >= count:
+                return
+            if time.monotonic() > until:
+                raise TimeoutError(f"the scheduler sees {seen} of {count} workers after {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def scale_once(self) -> dict[str, tuple[int, int]]:
+        """Start or stop single-stage workers so each stage has the scheduler's desired
+        replicas (within bounds). Returns {stage: (before, after)}."""
+        o = self.options
+        status = self.status()
+        changes = {}
+        for st in status.stages:
+            stage = st.stage
+            mine = self.workers((stage,))
+            hosting = st.actual_replicas
+            want = max(o.min_replicas, min(o.max_replicas, st.desired_replicas))
+            before = hosting
+            while hosting < want and not self._stopping.is_set():
+                self.start_worker((stage,))
+                hosting += 1
+            while hosting > want and mine:
+                self.supervisor.stop(mine.pop())  # SIGTERM: the worker drains, then exits
+                hosting -= 1
+            if hosting != before:
+                changes[stage] = (before, hosting)
+        return changes
+
+    def _scale_loop(self) -> None:
+        while not self._stopping.wait(1.0):
+            try:
+                changes = self.scale_once()
+                for stage, (a, b) in changes.items():
+                    log.info("autoscale %s: %d -> %d workers", stage, a, b)
+            except Exception as exc:  # the scheduler may be restarting: try again next round
+                log.warning("autoscale round failed: %s", exc)
+
     def stop(self) -> dict[str, int | None]:
+        self._stopping.set()
+        if self._scaler is not None:
+            self._scaler.join(timeout=30)
         codes = self.supervisor.stop_all()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
         if self._tmp is not None:
             with contextlib.suppress(OSError):
                 self._tmp.cleanup()

@@ -104,6 +104,11 @@ class DecodeEngine:
             self._reserved[request_id] = _Reservation(slot, prompt_tokens)
             return slot
 
+    def is_reserved(self, request_id: str) -> bool:
+        """True while a slot is reserved for the request and its KV not yet activated."""
+        with self._lock:
+            return request_id in self._reserved
+
     def kv_destination(self, request_id: str, layer: int, part: int, start: int, tokens: int) -> torch.Tensor:
         """Where an imported KV chunk lands: a [tokens, kv_heads, head_dim] view."""
         res = self._reserved[request_id]

@@ -101,3 +101,66 @@ class LanguageModel:
         out = self.decoder(inputs_embeds=embeds, position_ids=pos, attention_mask=mask[:, None, None, :],
                            past_key_values=cache, use_cache=True)
         return self.head(out.last_hidden_state[:, 0])
+
+    # ---- batched prefill (several prompts in one pass) ---------------------------------
+    def _batch_mask(self, lengths: torch.Tensor, total: int):
+        """Attention mask for prompts right-padded to `total`: causal within each row, padding
+        keys hidden. A 4D [B, 1, total, total] mask in the form the attention implementation
+        takes (bool for SDPA, additive for eager); a 2D padding mask for flash attention, which
+        builds its own varlen layout. Padding query rows still see their row's real keys, so no
+        row is fully masked."""
+        idx = torch.arange(total, device=self.device)
+        valid = idx.unsqueeze(0) < lengths.unsqueeze(1)  # [B, keys]
+        config = self.decoder.config
+        impl = str(getattr(config, "_attn_implementation", "sdpa") or "sdpa")
+        if "flash" in impl:
+            return valid.to(torch.long)
+        causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # [queries, keys]
+
+        def form(allowed: torch.Tensor) -> torch.Tensor:
+            mask = (allowed.unsqueeze(0) & valid.unsqueeze(1)).unsqueeze(1)
+            if impl == "eager":
+                return torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
+                    ~mask, torch.finfo(self.dtype).min)
+            return mask
+
+        full = form(causal)
+        layer_types = getattr(config, "layer_types", None) or []
+        window = getattr(config, "sliding_window", None)
+        if "sliding_attention" in layer_types and window:
+            near = (idx.unsqueeze(1) - idx.unsqueeze(0)) < int(window)
+            return {"full_attention": full, "sliding_attention": form(causal & near)}
+        return full
+
+    @torch.inference_mode()
+    def prefill_batch(self, input_ids: Sequence[torch.Tensor], media: Sequence[Mapping[str, Sequence[torch.Tensor]]],
+                      positions: Sequence[torch.Tensor], on_layer: LayerCallback) -> torch.Tensor:
+        """Several prompts in one pass, right-padded to the longest. `on_layer` gets each
+        layer's batched keys and values [B, kv_heads, longest, head_dim] (rows past a prompt's
+        length are padding). Returns logits at each row's last real token [B, vocab].
+
+        Prompts of equal length need no mask (plain causal attention, as `prefill`)."""
+        if not (len(input_ids) == len(media) == len(positions)) or not input_ids:
+            raise ValueError("prefill_batch needs one media mapping and one position tensor per prompt")
+        lengths = [int(ids.shape[0]) for ids in input_ids]
+        total = max(lengths)
+        rows = [self.prompt_embeddings(ids, m)[0] for ids, m in zip(input_ids, media)]
+        embeds = rows[0].new_zeros(len(rows), total, rows[0].shape[-1])
+        pos = []
+        for b, (row, p) in enumerate(zip(rows, positions)):
+            embeds[b, : row.shape[0]] = row
+            p = p.to(self.device)
+            pad = total - p.shape[1]
+            if pad:  # padding continues past the row's highest position; it is never attended
+                tail = p.max() + 1 + torch.arange(pad, device=self.device)
+                p = torch.cat([p, tail.unsqueeze(0).expand(p.shape[0], pad)], dim=1)
+            pos.append(p)
+        stacked = torch.stack(pos)  # [B, P, L]
+        position_ids = stacked.permute(1, 0, 2) if self.position_dims > 1 else stacked[:, 0]
+        lens = torch.tensor(lengths, device=self.device)
+        mask = None if min(lengths) == total else self._batch_mask(lens, total)
+        cache = _StreamingCache(self.decoder.config, on_layer)
+        out = self.decoder(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask,
+                           past_key_values=cache, use_cache=True)
+        last = out.last_hidden_state[torch.arange(len(rows), device=self.device), lens - 1]
+        return self.head(last)

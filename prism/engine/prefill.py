@@ -1,8 +1,9 @@
-"""Prefill core: the prompt pass for one request, streaming each layer's KV as it is made."""
+"""Prefill core: the prompt pass for one request (or a batch of requests in one pass),
+streaming each layer's KV as it is made."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -12,6 +13,43 @@ from prism.models.base import MediaItem
 
 #: Receives (layer, keys, values), each a [prompt_tokens, kv_heads, head_dim] view (any strides).
 KvSink = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+Id = TypeVar("Id", bound=Hashable)
+
+
+def take_batch(pending: Sequence[tuple[Id, int]], token_budget: int, max_batch: int, *,
+               padded: bool = True) -> list[Id]:
+    """Ids of the requests to run together, taken in the given order (never skipping one)
+    while the batch's cost stays within `token_budget` and it holds at most `max_batch`; the
+    first is always taken, whatever its cost. `pending` holds (id, tokens). The cost is
+    longest x count when rows are padded to the longest (prefill), else the sum of tokens
+    (media concatenated for a tower)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, not {max_batch}")
+    taken: list[Id] = []
+    longest = total = 0
+    for rid, tokens in pending:
+        if len(taken) >= max_batch:
+            break
+        new_longest, new_total = max(longest, int(tokens)), total + int(tokens)
+        cost = new_longest * (len(taken) + 1) if padded else new_total
+        if taken and cost > token_budget:
+            break
+        taken.append(rid)
+        longest, total = new_longest, new_total
+    return taken
+
+
+@dataclass(frozen=True)
+class PrefillBatcher:
+    """Picks the next prefill batch: padded tokens (longest prompt x count) within
+    `token_budget`, at most `max_batch` requests."""
+
+    token_budget: int
+    max_batch: int
+
+    def take(self, pending: Sequence[tuple[Id, int]]) -> list[Id]:
+        return take_batch(pending, self.token_budget, self.max_batch, padded=True)
 
 
 @dataclass(frozen=True)
@@ -44,3 +82,21 @@ class PrefillEngine:
 
         logits = self.lm.prefill(plan.input_ids, media, plan.positions, on_layer)
         return select_tokens(logits.unsqueeze(0), [sampling], [0])[0]
+
+    def run_batch(self, plans: Sequence[PromptPlan], media: Sequence[Mapping[str, Sequence[torch.Tensor]]],
+                  samplings: Sequence[Sampling], sinks: Sequence[KvSink]) -> list[int]:
+        """Run several requests' prompt passes as one forward pass (right-padded to the longest
+        prompt), handing each request's own per-layer KV (its real tokens only) to its sink;
+        returns each request's first token. Each plan keeps its own rope delta."""
+        if not (len(plans) == len(media) == len(samplings) == len(sinks)):
+            raise ValueError("run_batch needs one media mapping, sampling and sink per plan")
+        if not plans:
+            return []
+        lengths = [p.prompt_tokens for p in plans]
+
+        def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            for b, (sink, n) in enumerate(zip(sinks, lengths)):
+                sink(layer, k[b, :, :n].transpose(0, 1), v[b, :, :n].transpose(0, 1))
+
+        logits = self.lm.prefill_batch([p.input_ids for p in plans], media, [p.positions for p in plans], on_layer)
+        return select_tokens(logits, list(samplings), [0] * len(plans))

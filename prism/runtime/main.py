@@ -24,8 +24,8 @@ def setup_process(service: str, worker_name: str) -> None:
 
 
 def run_service(config_cls: type, env_prefix: str, service: str, build, prog: str) -> None:
-    """A service's whole `__main__`: config from CLI and environment (built once, validated),
-    process setup, then serve until SIGTERM drains it."""
+    """The scheduler's whole `__main__`: config from CLI and environment (built once,
+    validated), process setup, then serve until SIGTERM drains it."""
     import asyncio
 
     from prism.runtime.config import config_from_cli
@@ -38,3 +38,19 @@ def run_service(config_cls: type, env_prefix: str, service: str, build, prog: st
         await serve_stage(config.server, await build(config))
 
     asyncio.run(main())
+
+
+def run_worker(specs_from_config, config_cls: type, env_prefix: str, service: str, prog: str) -> None:
+    """A worker's whole `__main__` (one stage, or several colocated): config from CLI and
+    environment, then a `WorkerHost` serving the stages until SIGTERM drains it."""
+    import asyncio
+    from pathlib import Path
+
+    from prism.runtime.config import config_from_cli
+    from prism.runtime.host import WorkerHost
+
+    config = config_from_cli(config_cls, env_prefix=env_prefix, prog=prog)
+    setup_process(service, config.server.worker_name)
+    host = WorkerHost(specs_from_config(config), config.server, config.queue,
+                      model_name=Path(config.model.model_dir).resolve().name, threads=config.model.threads)
+    asyncio.run(host.serve())

@@ -174,6 +174,8 @@ class StageApp:
     on_stop: Callable[[], Any] | None = None
     #: The servicer, worker and engine, for inspection by tests and admin tools.
     parts: dict[str, Any] = field(default_factory=dict)
+    #: Further services registered by `register` (reported on health too).
+    extra_services: tuple[str, ...] = ()
 
 
 class RunningStage:
@@ -188,10 +190,12 @@ class RunningStage:
         return self.server.address
 
     async def drain_worker(self) -> None:
+        """A stage worker: close its queue and finish what it took. A service without a queue
+        (the scheduler) keeps its loops running until it stops: in-flight calls need them."""
         if self.app.queue is not None:
             await self.app.queue.close()
-        if self.worker_task is not None:
-            await self.worker_task
+            if self.worker_task is not None:
+                await self.worker_task
 
     async def stop(self) -> None:
         """Drain (no new work, finish what was taken) and stop."""
@@ -208,7 +212,7 @@ async def start_stage(server_config: Any, app: StageApp, *, handle_signals: bool
     from prism.runtime.server import StageServer
 
     running: RunningStage
-    server = StageServer(server_config, service_names=[app.service_name], registrars=[app.register],
+    server = StageServer(server_config, service_names=[app.service_name, *app.extra_services], registrars=[app.register],
                          drain_hooks=[lambda: running.drain_worker()], handle_signals=handle_signals)
     running = RunningStage(server, app)
     await server.start()

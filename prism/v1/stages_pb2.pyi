@@ -18,7 +18,7 @@ KV_PART_KEY: KvPart
 KV_PART_VALUE: KvPart
 
 class TaskHeader(_message.Message):
-    __slots__ = ("request_id", "model", "deadline_unix_ms", "priority", "trace_context", "arrival_unix_ms")
+    __slots__ = ("request_id", "model", "deadline_unix_ms", "priority", "trace_context", "arrival_unix_ms", "strategy", "placement", "attempt")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,13 +32,19 @@ class TaskHeader(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     deadline_unix_ms: int
     priority: int
     trace_context: _containers.ScalarMap[str, str]
     arrival_unix_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., priority: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., arrival_unix_ms: _Optional[int] = ...) -> None: ...
+    strategy: str
+    placement: str
+    attempt: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., priority: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., arrival_unix_ms: _Optional[int] = ..., strategy: _Optional[str] = ..., placement: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class MediaInfo(_message.Message):
     __slots__ = ("modality", "num_tokens", "meta")
@@ -109,18 +115,30 @@ class FetchEmbeddingsResponse(_message.Message):
     def __init__(self, item: _Optional[int] = ..., total_rows: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("header", "input_ids", "media", "encoder_address", "sampling")
+    __slots__ = ("header", "input_ids", "media", "encoder_address", "sampling", "embedding_sources")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     MEDIA_FIELD_NUMBER: _ClassVar[int]
     ENCODER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_SOURCES_FIELD_NUMBER: _ClassVar[int]
     header: TaskHeader
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     media: _containers.RepeatedCompositeFieldContainer[MediaInfo]
     encoder_address: str
     sampling: _common_pb2.SamplingParams
-    def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., input_ids: _Optional[_Iterable[int]] = ..., media: _Optional[_Iterable[_Union[MediaInfo, _Mapping]]] = ..., encoder_address: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    embedding_sources: _containers.RepeatedCompositeFieldContainer[EmbeddingSource]
+    def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., input_ids: _Optional[_Iterable[int]] = ..., media: _Optional[_Iterable[_Union[MediaInfo, _Mapping]]] = ..., encoder_address: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., embedding_sources: _Optional[_Iterable[_Union[EmbeddingSource, _Mapping]]] = ...) -> None: ...
+
+class EmbeddingSource(_message.Message):
+    __slots__ = ("address", "task_id", "items")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    task_id: str
+    items: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, address: _Optional[str] = ..., task_id: _Optional[str] = ..., items: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("state", "first_token", "prompt_tokens", "rope_delta", "compute_ms", "transfer_ms", "worker")
@@ -189,16 +207,18 @@ class FetchKvResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[KvHeader, _Mapping]] = ..., chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., trailer: _Optional[_Union[KvTrailer, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("header", "prefill_address", "sampling", "stop_token_ids")
+    __slots__ = ("header", "prefill_address", "sampling", "stop_token_ids", "prefill_task_id")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     header: TaskHeader
     prefill_address: str
     sampling: _common_pb2.SamplingParams
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., prefill_address: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    prefill_task_id: str
+    def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., prefill_address: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., prefill_task_id: _Optional[str] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("state", "token_ids", "finish_reason", "worker")

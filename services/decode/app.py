@@ -4,9 +4,9 @@ from __future__ import annotations
 from prism.engine.decode import DecodeEngine
 from prism.engine.lm import LanguageModel
 from prism.models.loading import LANGUAGE
-from prism.queue.memory import InMemoryWorkQueue
 from prism.runtime.config import ConfigError
-from prism.runtime.stagework import Channels, ComputeThread, StageApp
+from prism.runtime.host import HostContext
+from prism.runtime.stagework import Channels, StageApp
 from prism.v1 import stages_pb2_grpc
 from services.decode.config import DecodeConfig
 from services.decode.servicer import DecodeServicer
@@ -15,23 +15,22 @@ from services.decode.worker import DecodeWorker
 DECODE_ATTENTION = "sdpa"
 
 
-async def build(config: DecodeConfig) -> StageApp:
-    compute = ComputeThread("decode", config.model.threads)
+async def build(config: DecodeConfig, host: HostContext) -> StageApp:
+    compute = host.compute
     # Decode attends over slot buffers with per-row 4-D masks, which SDPA takes on every device;
     # flash-attn's kernels do not (prefill, with plain causal masks, uses flash-attn on CUDA).
-    lm = LanguageModel(await compute.run(config.model.load, frozenset({LANGUAGE}), DECODE_ATTENTION))
+    lm = LanguageModel(await host.load(config.model, frozenset({LANGUAGE}), DECODE_ATTENTION))
     if config.max_len > lm.adapter.max_context:
         raise ConfigError("max_len", f"{config.max_len} exceeds the model's context of {lm.adapter.max_context}")
     engine = await compute.run(DecodeEngine, lm, config.slots, config.max_len)
-    queue = InMemoryWorkQueue(max_depth=config.queue_depth)
+    queue = host.queue("decode", config.queue_depth)
     channels = Channels(config.server.max_message_bytes)
-    worker = DecodeWorker(queue, engine, compute, channels, name=config.server.worker_name,
-                          fetch_timeout_s=config.upstream_timeout_s)
+    worker = DecodeWorker(queue, engine, compute, channels, name=host.instance,
+                          fetch_timeout_s=config.upstream_timeout_s, peers=host.peers)
     servicer = DecodeServicer(queue, worker)
 
     async def on_stop() -> None:
         await channels.close()
-        compute.shutdown()
 
     return StageApp("prism.v1.DecodeService", lambda s: stages_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, s),
                     queue, worker.run, on_stop, {"servicer": servicer, "worker": worker, "engine": engine})

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prism.models.loading import ModelOptions
+from prism.runtime.backend import QueueOptions
 from prism.runtime.config import check
 from prism.runtime.server import ServerConfig
 
@@ -14,6 +15,7 @@ class DecodeConfig:
 
     model: ModelOptions = field(metadata={"help": "checkpoint"})
     server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "gRPC server"})
+    queue: QueueOptions = field(default_factory=QueueOptions, metadata={"help": "stage queues and worker registry"})
     slots: int = field(default=16, metadata={"help": "requests decoded at once (KV slots preallocated)"})
     max_len: int = field(default=2048, metadata={"help": "tokens per slot: prompt plus generated; at most the model's context"})
     queue_depth: int = field(default=256, metadata={"help": "decode tasks that may wait in this worker's queue"})

@@ -5,19 +5,23 @@ generates one token for each active request; requests join and leave between ste
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from prism.engine.decode import DecodeEngine, DecodeSpec, Finish, NoFreeSlot, PromptTooLong, TokenEvent
 from prism.engine.sampling import Sampling
-from prism.queue.base import TaskState, WorkItem, WorkQueue
+from prism.queue.base import TaskState, UnknownTask, WorkItem, WorkQueue
+from prism.runtime.host import LocalPeers
 from prism.runtime.stagework import ComputeThread
 from prism.v1 import common_pb2, stages_pb2
 from prism.wire import KvReceiver, fetch_kv_method
+from services.prefill.outbox import KvFailed
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +42,19 @@ class ImportFailed(Exception):
 
 class DecodeWorker:
     def __init__(self, queue: WorkQueue, engine: DecodeEngine, compute: ComputeThread,
-                 channel_for: Callable[[str], grpc.aio.Channel], *, name: str, fetch_timeout_s: float):
+                 channel_for: Callable[[str], grpc.aio.Channel], *, name: str, fetch_timeout_s: float,
+                 peers: LocalPeers | None = None):
         self.queue, self.engine, self.compute = queue, engine, compute
+        self.peers = peers or LocalPeers()
+        self._generated: dict[str, int] = {}  # tokens published per request (the first counts)
+        #: Active requests per step, most recent last (for tests and the admin view).
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
         self.channel_for = channel_for
         self.name = name
         self.fetch_timeout_s = fetch_timeout_s
         self.outputs: dict[str, asyncio.Queue] = {}
         self._imports: dict[str, asyncio.Task] = {}
-        self._awaiting_slot = 0  # imports taken from the queue that have not reserved a slot yet
+        self._awaiting: set[str] = set()  # imports taken from the queue that have not reserved a slot yet
         self._cancelled: set[str] = set()
         self._slot_freed = asyncio.Event()
         self._work = asyncio.Event()
@@ -83,13 +92,13 @@ class DecodeWorker:
         stepper = asyncio.create_task(self._step_loop())
         try:
             while True:
-                while self.engine.free_slots - self._awaiting_slot <= 0:
+                while self.engine.free_slots - len(self._awaiting) <= 0:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                 item = await self.queue.get()
                 if item is None:
                     break
-                self._awaiting_slot += 1
+                self._awaiting.add(item.task_id)
                 self._imports[item.task_id] = asyncio.create_task(self._import(item))
             if self._imports:
                 await asyncio.gather(*self._imports.values(), return_exceptions=True)
@@ -100,42 +109,32 @@ class DecodeWorker:
 
     async def _import(self, item: WorkItem) -> None:
         rid = item.task_id
-        reserved = False
-        awaiting = True
         try:
             if await self.queue.is_cancelled(rid):
                 await self.queue.ack(rid)
                 return
             try:
                 req = stages_pb2.DecodeRequest.FromString(item.payload)
-            except Exception as exc:
-                raise ImportFailed("INVALID_ARGUMENT", f"undecodable decode task: {exc}") from None
+            except DecodeError as exc:
+                await self.queue.dead_letter(rid, f"payload: undecodable DecodeRequest: {exc}")
+                return
             if not req.prefill_address:
                 raise ImportFailed("INVALID_ARGUMENT", "prefill_address: required")
             if req.sampling.max_new_tokens < 1:
                 raise ImportFailed("INVALID_ARGUMENT", "sampling.max_new_tokens: must be >= 1")
             await self.queue.set_state(rid, TaskState.TRANSFERRING, worker=self.name)
-            fetch = fetch_kv_method(self.channel_for(req.prefill_address))
-            receiver: KvReceiver | None = None
-            layout = self.engine.lm.layout
+            local = self.peers.local("prefill", req.prefill_address)
             try:
-                async for msg in fetch(stages_pb2.FetchKvRequest(request_id=rid), timeout=self.fetch_timeout_s):
-                    if receiver is None:
-                        if msg.kind != "header":
-                            raise ValueError("the KV stream did not start with its header")
-                        await self.compute.run(self.engine.reserve, rid, msg.header.prompt_tokens)
-                        reserved, awaiting = True, False
-                        self._awaiting_slot -= 1
-                        receiver = KvReceiver(functools.partial(self.engine.kv_destination, rid),
-                                              num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
-                                              head_dim=layout.head_dim, dtype=self.engine.lm.dtype,
-                                              max_tokens=self.engine.max_len)
-                    receiver.feed(msg)
-                if receiver is None:
-                    raise ValueError("the KV stream was empty")
-                first_token, rope_delta = receiver.finish().first_token, receiver.header.rope_delta
+                kv_id = req.prefill_task_id or rid
+                if local is not None:
+                    first_token, rope_delta = await self._import_local(rid, kv_id, local)
+                else:
+                    first_token, rope_delta = await self._import_remote(rid, kv_id, req.prefill_address)
             except grpc.aio.AioRpcError as exc:
-                raise ImportFailed(exc.code().name, f"fetching KV from {req.prefill_address}: {exc.details()}") from None
+                code = "UNAVAILABLE" if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE) else exc.code().name
+                raise ImportFailed(code, f"fetching KV from {req.prefill_address}: {exc.details()}") from None
+            except KvFailed as exc:
+                raise ImportFailed(exc.code, f"prefill failed: {exc.message}") from None
             except (NoFreeSlot, PromptTooLong, ValueError) as exc:
                 code = ("RESOURCE_EXHAUSTED" if isinstance(exc, NoFreeSlot)
                         else "INVALID_ARGUMENT" if isinstance(exc, PromptTooLong) else "INTERNAL")
@@ -145,12 +144,12 @@ class DecodeWorker:
                               Sampling(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, seed=s.seed),
                               s.max_new_tokens, frozenset(req.stop_token_ids))
             done = await self.compute.run(self.engine.activate, spec)
-            reserved = False
+            self._generated[rid] = 1
             if done is not None:
                 self._emit(rid, done)
-                await self.queue.set_state(rid, TaskState.DONE)
+                await self._publish(done)
             else:
-                await self.queue.set_state(rid, TaskState.RUNNING)
+                await self.queue.set_state(rid, TaskState.RUNNING, worker=self.name)
                 self._work.set()
             await self.queue.ack(rid)
         except ImportFailed as exc:
@@ -160,12 +159,78 @@ class DecodeWorker:
         except asyncio.CancelledError:
             await self.queue.ack(rid)
         finally:
-            if awaiting:
-                self._awaiting_slot -= 1
-            if reserved:
+            self._awaiting.discard(rid)
+            if self.engine.is_reserved(rid):  # the import did not finish: give the slot back
                 await self.compute.run(self.engine.release, rid)
             self._imports.pop(rid, None)
             self._slot_freed.set()
+
+    async def _reserve(self, rid: str, prompt_tokens: int) -> None:
+        await self.compute.run(self.engine.reserve, rid, prompt_tokens)
+        self._awaiting.discard(rid)
+
+    async def _import_remote(self, rid: str, kv_id: str, address: str) -> tuple[int, int]:
+        """Pull the KV over gRPC straight into the reserved slot (zero-copy parse)."""
+        fetch = fetch_kv_method(self.channel_for(address))
+        receiver: KvReceiver | None = None
+        layout = self.engine.lm.layout
+        async for msg in fetch(stages_pb2.FetchKvRequest(request_id=kv_id), timeout=self.fetch_timeout_s):
+            if receiver is None:
+                if msg.kind != "header":
+                    raise ValueError("the KV stream did not start with its header")
+                await self._reserve(rid, msg.header.prompt_tokens)
+                receiver = KvReceiver(functools.partial(self.engine.kv_destination, rid),
+                                      num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
+                                      head_dim=layout.head_dim, dtype=self.engine.lm.dtype,
+                                      max_tokens=self.engine.max_len)
+            receiver.feed(msg)
+        if receiver is None:
+            raise ValueError("the KV stream was empty")
+        return receiver.finish().first_token, receiver.header.rope_delta
+
+    async def _import_local(self, rid: str, kv_id: str, prefill) -> tuple[int, int]:
+        """Co-hosted prefill: copy each layer from its outbox into the slot as it is made."""
+        outbox = await prefill.held.wait(kv_id, self.fetch_timeout_s)
+        if outbox is None:
+            raise ImportFailed("UNAVAILABLE", f"no KV held for {kv_id} by this worker")
+        try:
+            await self._reserve(rid, outbox.meta.prompt_tokens)
+            async for event in outbox.follow():
+                if event[0] == "layer":
+                    _, layer, keys, values = event
+                    self.engine.write_kv(rid, layer, 1, 0, keys)
+                    self.engine.write_kv(rid, layer, 2, 0, values)
+                else:
+                    return event[1], outbox.meta.rope_delta
+            raise ValueError("the local KV ended without its first token")
+        finally:
+            await prefill.fetched(kv_id)
+
+    async def _publish(self, event: TokenEvent) -> bool:
+        """Token events ride on the task's state: RUNNING with ``tokens`` and their ``index``
+        in the output (the first token, from prefill, is index 0), DONE with the finish reason."""
+        rid = event.request_id
+        index = self._generated.get(rid, 1)
+        tokens = [] if event.token is None else [int(event.token)]
+        self._generated[rid] = index + len(tokens)
+        if event.finish is not None:
+            self._generated.pop(rid, None)
+            try:
+                return await self.queue.set_state(rid, TaskState.DONE, tokens=tokens, index=index,
+                                                  finish=int(FINISH_TO_PROTO[event.finish]), worker=self.name)
+            except UnknownTask:
+                return False
+        try:
+            live = not tokens or await self.queue.set_state(rid, TaskState.RUNNING, tokens=tokens, index=index)
+        except UnknownTask:  # the task record is gone (expired or the queue was wiped)
+            live = False
+        if not live:
+            # The task ended elsewhere (cancelled by the scheduler): free its slot at once.
+            self._generated.pop(rid, None)
+            self._cancelled.add(rid)
+            self._work.set()
+            return False
+        return True
 
     # ---- the batch ---------------------------------------------------------------------
     async def _step_loop(self) -> None:
@@ -191,8 +256,9 @@ class DecodeWorker:
                         await self.queue.set_state(rid, TaskState.FAILED, code="INTERNAL", message=str(exc))
                 self._slot_freed.set()
                 continue
+            self.batch_sizes.append(len(events))
             for event in events:
                 self._emit(event.request_id, event)
                 if event.finish is not None:
                     self._slot_freed.set()
-                    await self.queue.set_state(event.request_id, TaskState.DONE)
+            await asyncio.gather(*(self._publish(e) for e in events))

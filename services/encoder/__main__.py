@@ -1,7 +1,13 @@
 """python -m services.encoder --help"""
-from prism.runtime.main import run_service
+from prism.runtime.host import StageSpec
+from prism.runtime.main import run_worker
 from services.encoder.app import build
 from services.encoder.config import EncoderConfig
 
+
+def specs(config: EncoderConfig) -> list[StageSpec]:
+    return [StageSpec("encode", config, build, slots=0)]
+
+
 if __name__ == "__main__":
-    run_service(EncoderConfig, "PRISM_ENCODER", "prism-encoder", build, "python -m services.encoder")
+    run_worker(specs, EncoderConfig, "PRISM_ENCODER", "prism-encoder", "python -m services.encoder")

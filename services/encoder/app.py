@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from prism.engine.encoder import EncoderEngine
 from prism.models.loading import ENCODER
-from prism.queue.memory import InMemoryWorkQueue
-from prism.runtime.stagework import ComputeThread, StageApp
+from prism.runtime.host import HostContext
+from prism.runtime.stagework import StageApp
 from prism.v1 import stages_pb2_grpc
 from prism.wire import add_bulk_servicer_to_server
 from services.encoder.config import EncoderConfig
@@ -12,16 +12,11 @@ from services.encoder.servicer import EncoderServicer
 from services.encoder.worker import EncoderWorker
 
 
-async def build(config: EncoderConfig) -> StageApp:
-    compute = ComputeThread("encoder", config.model.threads)
-    engine = EncoderEngine(await compute.run(config.model.load, frozenset({ENCODER})))
-    queue = InMemoryWorkQueue(max_depth=config.queue_depth)
-    worker = EncoderWorker(queue, engine, compute, max_batch_tokens=config.max_batch_tokens,
-                           held_ttl_s=config.held_ttl_s, name=config.server.worker_name)
+async def build(config: EncoderConfig, host: HostContext) -> StageApp:
+    engine = EncoderEngine(await host.load(config.model, frozenset({ENCODER})))
+    queue = host.queue("encode", config.queue_depth)
+    worker = EncoderWorker(queue, engine, host.compute, max_batch_tokens=config.max_batch_tokens,
+                           held_ttl_s=config.held_ttl_s, name=host.instance)
     servicer = EncoderServicer(queue, worker, chunk_bytes=config.chunk_bytes, fetch_wait_s=config.fetch_wait_s)
-
-    async def on_stop() -> None:
-        compute.shutdown()
-
     return StageApp("prism.v1.EncoderService", lambda s: add_bulk_servicer_to_server(stages_pb2_grpc.add_EncoderServiceServicer_to_server, servicer, s),
-                    queue, worker.run, on_stop, {"servicer": servicer, "worker": worker, "engine": engine})
+                    queue, worker.run, None, {"servicer": servicer, "worker": worker, "engine": engine})

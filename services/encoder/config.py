@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prism.models.loading import ModelOptions
+from prism.runtime.backend import QueueOptions
 from prism.runtime.config import check
 from prism.runtime.server import ServerConfig
 
@@ -14,6 +15,7 @@ class EncoderConfig:
 
     model: ModelOptions = field(metadata={"help": "checkpoint"})
     server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "gRPC server"})
+    queue: QueueOptions = field(default_factory=QueueOptions, metadata={"help": "stage queues and worker registry"})
     max_batch_tokens: int = field(default=4096, metadata={"help": "embedding rows (media tokens) per encoder batch across requests"})
     queue_depth: int = field(default=256, metadata={"help": "encode tasks that may wait in this worker's queue"})
     held_ttl_s: float = field(default=120.0, metadata={"help": "seconds embeddings wait for prefill to pull them before they are dropped"})

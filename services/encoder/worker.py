@@ -3,10 +3,12 @@ up to a token budget, runs the tower in the compute thread, and holds the embedd
 prefill worker pulls them."""
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
 import torch
+from google.protobuf.message import DecodeError
 
 from prism.engine.encoder import EncoderEngine
 from prism.models.base import MediaItem
@@ -26,17 +28,21 @@ class EncoderWorker:
         self.held: HeldOutputs[list[torch.Tensor]] = HeldOutputs(held_ttl_s)
         self.name = name
         self._carry: tuple[WorkItem, list[MediaItem]] | None = None
+        #: Media items per tower batch, most recent last (for tests and the admin view).
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
 
     async def _parse(self, item: WorkItem) -> list[MediaItem] | None:
         try:
             req = stages_pb2.EncodeRequest.FromString(item.payload)
+        except DecodeError as exc:
+            await self.queue.dead_letter(item.task_id, f"payload: undecodable EncodeRequest: {exc}")
+            return None
+        try:
             if not req.items:
                 raise ValueError("items: no media to encode")
             return [item_from_input(m, f"items[{i}]") for i, m in enumerate(req.items)]
         except ValueError as exc:
             await self._fail(item.task_id, "INVALID_ARGUMENT", str(exc))
-        except Exception as exc:  # undecodable payload
-            await self._fail(item.task_id, "INVALID_ARGUMENT", f"undecodable encode task: {exc}")
         return None
 
     async def _fail(self, task_id: str, code: str, message: str) -> None:
@@ -78,23 +84,23 @@ class EncoderWorker:
             self.held.expire()
 
     async def _encode(self, batch: list[tuple[WorkItem, list[MediaItem]]]) -> None:
-        flat = [m for _, items in batch for m in items]
+        """One tower pass over the items of every request in the batch."""
+        self.batch_sizes.append(len(batch))
         started = time.perf_counter()
         try:
-            embeddings = await self.compute.run(self.engine.encode, flat)
+            per_request = await self.compute.run(self.engine.encode_batch, [items for _, items in batch])
         except Exception as exc:
-            log.exception("encode batch of %d items failed", len(flat))
+            log.exception("encode batch of %d requests failed", len(batch))
             for item, _ in batch:
                 await self._fail(item.task_id, "INTERNAL", f"encoder failed: {exc}")
             return
         compute_ms = (time.perf_counter() - started) * 1000
-        pos = 0
-        for item, items in batch:
-            mine = embeddings[pos : pos + len(items)]
-            pos += len(items)
+        items_total = sum(len(items) for _, items in batch)
+        for (item, _), mine in zip(batch, per_request):
             self.held.publish(item.task_id, mine)
             await self.queue.set_state(item.task_id, TaskState.READY, compute_ms=compute_ms,
-                                       item_tokens=[int(e.shape[0]) for e in mine], batch_items=len(flat))
+                                       item_tokens=[int(e.shape[0]) for e in mine], batch_items=items_total,
+                                       batch=len(batch))
             await self.queue.ack(item.task_id)
 
     async def fetched(self, request_id: str) -> None:

@@ -1,7 +1,13 @@
 """python -m services.prefill --help"""
-from prism.runtime.main import run_service
+from prism.runtime.host import StageSpec
+from prism.runtime.main import run_worker
 from services.prefill.app import build
 from services.prefill.config import PrefillConfig
 
+
+def specs(config: PrefillConfig) -> list[StageSpec]:
+    return [StageSpec("prefill", config, build, slots=0)]
+
+
 if __name__ == "__main__":
-    run_service(PrefillConfig, "PRISM_PREFILL", "prism-prefill", build, "python -m services.prefill")
+    run_worker(specs, PrefillConfig, "PRISM_PREFILL", "prism-prefill", "python -m services.prefill")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prism.models.loading import ModelOptions
+from prism.runtime.backend import QueueOptions
 from prism.runtime.config import check
 from prism.runtime.server import ServerConfig
 
@@ -14,14 +15,17 @@ class PrefillConfig:
 
     model: ModelOptions = field(metadata={"help": "checkpoint"})
     server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "gRPC server"})
+    queue: QueueOptions = field(default_factory=QueueOptions, metadata={"help": "stage queues and worker registry"})
     queue_depth: int = field(default=256, metadata={"help": "prefill tasks that may wait in this worker's queue"})
     held_ttl_s: float = field(default=120.0, metadata={"help": "seconds a KV cache waits for decode to pull it before it is dropped"})
     fetch_wait_s: float = field(default=60.0, metadata={"help": "seconds a FetchKv call waits for the prompt pass to start"})
     upstream_timeout_s: float = field(default=120.0, metadata={"help": "seconds allowed to pull a request's embeddings"})
     chunk_bytes: int = field(default=1 << 20, metadata={"help": "bytes per streamed KV chunk"})
+    max_batch_tokens: int = field(default=2048, metadata={"help": "padded prompt tokens per prefill batch across requests"})
 
     def __post_init__(self) -> None:
         check(self.queue_depth >= 1, "queue_depth", "must be >= 1")
+        check(self.max_batch_tokens >= 1, "max_batch_tokens", "must be >= 1")
         check(self.held_ttl_s > 0, "held_ttl_s", "must be > 0")
         check(self.fetch_wait_s > 0, "fetch_wait_s", "must be > 0")
         check(self.upstream_timeout_s > 0, "upstream_timeout_s", "must be > 0")

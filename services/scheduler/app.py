@@ -1,22 +1,73 @@
-"""Wiring of the scheduler (front door): config -> served model -> pipeline -> servicer."""
+"""Wiring of the scheduler (front door): config -> served model, queue backend, cluster view,
+policies -> pipeline -> public and admin servicers, with the registry, autoscaling and
+request-lease loops running beside them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
-from prism.runtime.stagework import Channels, StageApp
+import grpc
+
+from prism.runtime.backend import Backend
+from prism.runtime.stagework import StageApp
 from prism.runtime.telemetry import inject_trace_context
-from prism.v1 import prism_pb2_grpc
+from prism.v1 import admin_pb2_grpc, prism_pb2_grpc
+from services.scheduler.admin import AdminServicer, Scaling
+from services.scheduler.cluster import Cluster
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.core import Admission, Limits, Placement
 from services.scheduler.intake import ServedModel
-from services.scheduler.pipeline import Pipeline, StageAddresses
+from services.scheduler.pipeline import Pipeline
 from services.scheduler.servicer import PrismServicer
 
+SERVICE_NAMES = ("prism.v1.PrismService", "prism.v1.SchedulerAdminService")
 
-async def build(config: SchedulerConfig) -> StageApp:
+
+async def build(config: SchedulerConfig, backend: Backend | None = None) -> StageApp:
     model = await asyncio.to_thread(ServedModel.load, config.served_name, config.model_dir, config.max_context)
-    channels = Channels(config.server.max_message_bytes)
-    pipeline = Pipeline(StageAddresses(config.encoder, config.prefill, config.decode), channels,
-                        lambda: dict(inject_trace_context()))
-    servicer = PrismServicer({model.name: model}, model.name, config.limits, pipeline)
-    return StageApp("prism.v1.PrismService", lambda s: prism_pb2_grpc.add_PrismServiceServicer_to_server(servicer, s),
-                    on_stop=channels.close, parts={"servicer": servicer, "pipeline": pipeline})
+    owns_backend = backend is None
+    backend = backend or Backend(config.queue)
+    cluster = Cluster(backend, model.name)
+    policy = config.policy
+    placement = Placement(policy.placement, colocate_below=policy.colocate_below)
+    admission = Admission(Limits(queue_tokens=policy.queue_tokens, max_inflight=policy.max_inflight), placement)
+    scaling = Scaling(cluster, policy)
+
+    def on_admit(cost) -> None:
+        for stage in cost.stages:
+            scaling.rates.arrived(stage, cost.cost(stage))
+
+    def on_finish(adm, progress, final) -> None:
+        t = final.timing
+        scaling.slo.record(t.ttft_ms / 1000, t.tpot_ms / 1000 if t.tpot_ms else None,
+                           adm.ttft_target_s, adm.tpot_target_s)
+
+    pipeline = Pipeline(cluster, placement, admission, inject_trace=lambda: dict(inject_trace_context()),
+                        max_attempts=policy.max_attempts, on_admit=on_admit, on_finish=on_finish)
+    servicer = PrismServicer({model.name: model}, model.name, config.limits, pipeline, backend.store,
+                             owner=config.server.worker_name, lease_s=config.request_lease_s)
+    admin = AdminServicer(cluster, pipeline, scaling)
+
+    def register(server: grpc.aio.Server) -> None:
+        prism_pb2_grpc.add_PrismServiceServicer_to_server(servicer, server)
+        admin_pb2_grpc.add_SchedulerAdminServiceServicer_to_server(admin, server)
+
+    loops: list[asyncio.Task] = []
+
+    async def run() -> None:
+        await cluster.start()
+        loops.append(asyncio.create_task(scaling.run()))
+        loops.append(asyncio.create_task(servicer.keep_leases(min(1.0, config.request_lease_s / 3))))
+        await asyncio.gather(*loops, return_exceptions=True)
+
+    async def on_stop() -> None:
+        for task in loops:
+            task.cancel()
+        await cluster.stop()
+        await servicer.stop()
+        if owns_backend:
+            await backend.close()
+
+    return StageApp(SERVICE_NAMES[0], register, None, run, on_stop,
+                    {"servicer": servicer, "pipeline": pipeline, "cluster": cluster, "admin": admin,
+                     "scaling": scaling, "backend": backend}, SERVICE_NAMES[1:])

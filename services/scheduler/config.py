@@ -4,29 +4,74 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prism.runtime.backend import QueueOptions
 from prism.runtime.config import check
 from prism.runtime.server import ServerConfig
 from services.scheduler.intake import Limits
 
+PLACEMENTS = ("adaptive", "split", "colocated")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How the scheduler admits, places and scales."""
+
+    placement: str = field(default="adaptive", metadata={
+        "help": "adaptive (colocated path at low load, split under bursts), split, or colocated"})
+    colocate_below: float = field(default=0.5, metadata={
+        "help": "adaptive: take the colocated path while that worker's utilisation is below this"})
+    encode_queue_tokens: int = field(default=0, metadata={"help": "back-pressure: most pending media tokens in the encode stage (0: unbounded)"})
+    prefill_queue_tokens: int = field(default=0, metadata={"help": "back-pressure: most pending prompt tokens in the prefill stage (0: unbounded)"})
+    decode_queue_tokens: int = field(default=0, metadata={"help": "back-pressure: most pending tokens to generate in the decode stage (0: unbounded)"})
+    max_inflight: int = field(default=0, metadata={"help": "most requests in flight (0: unbounded)"})
+    max_attempts: int = field(default=3, metadata={"help": "tries per request when workers are lost"})
+    min_replicas: int = field(default=1, metadata={"help": "autoscaling: fewest workers per stage"})
+    max_replicas: int = field(default=4, metadata={"help": "autoscaling: most workers per stage"})
+    target_utilisation: float = field(default=0.8, metadata={"help": "autoscaling: load per replica as a fraction of its capacity"})
+    scale_out_cooldown_s: float = field(default=10.0, metadata={"help": "autoscaling: seconds between scale-outs of a stage"})
+    scale_in_cooldown_s: float = field(default=60.0, metadata={"help": "autoscaling: seconds of low load before removing a replica"})
+    autoscale_window_s: float = field(default=10.0, metadata={"help": "autoscaling: window of the load and SLO-attainment measures"})
+
+    def __post_init__(self) -> None:
+        check(self.placement in PLACEMENTS, "placement", f"must be one of {', '.join(PLACEMENTS)}")
+        check(0 < self.colocate_below <= 1, "colocate_below", "must be in (0, 1]")
+        for name in ("encode_queue_tokens", "prefill_queue_tokens", "decode_queue_tokens", "max_inflight"):
+            check(getattr(self, name) >= 0, name, "must be >= 0")
+        check(self.max_attempts >= 1, "max_attempts", "must be >= 1")
+        check(0 <= self.min_replicas <= self.max_replicas, "min_replicas", "must be in [0, max_replicas]")
+        check(self.max_replicas >= 1, "max_replicas", "must be >= 1")
+        check(0 < self.target_utilisation <= 1, "target_utilisation", "must be in (0, 1]")
+        check(self.scale_out_cooldown_s >= 0, "scale_out_cooldown_s", "must be >= 0")
+        check(self.scale_in_cooldown_s >= 0, "scale_in_cooldown_s", "must be >= 0")
+        check(self.autoscale_window_s > 0, "autoscale_window_s", "must be > 0")
+
+    @property
+    def queue_tokens(self) -> dict[str, int]:
+        return {s: n for s, n in (("encode", self.encode_queue_tokens), ("prefill", self.prefill_queue_tokens),
+                                  ("decode", self.decode_queue_tokens)) if n}
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """The front door: admission, media processing, orchestration of the stages."""
+    """The front door: admission, media processing, placement and routing of stage tasks to
+    the workers registered in the queue backend, autoscaling advice, the admin API."""
 
     model_dir: Path = field(metadata={"help": "checkpoint directory (its processor and config; no weights are loaded)"})
-    encoder: str = field(metadata={"help": "encoder service address host:port"})
-    prefill: str = field(metadata={"help": "prefill service address host:port"})
-    decode: str = field(metadata={"help": "decode service address host:port"})
     model_name: str = field(default="", metadata={"help": "name clients use for the model (default: the directory name)"})
     max_context: int = field(default=0, metadata={"help": "prompt plus generated tokens per request; set to the decode --max-len (0: the model's)"})
     server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "gRPC server"})
+    queue: QueueOptions = field(default_factory=QueueOptions, metadata={"help": "stage queues and worker registry"})
     limits: Limits = field(default_factory=Limits, metadata={"help": "request limits"})
+    policy: Policy = field(default_factory=Policy, metadata={"help": "admission, placement and autoscaling"})
+    worker_wait_s: float = field(default=120.0, metadata={"help": "seconds to wait at start-up for a worker of every stage"})
+    request_lease_s: float = field(default=10.0, metadata={
+        "help": "an accepted request whose scheduler has not renewed its lease this long is taken over by another (or a restarted) scheduler"})
 
     def __post_init__(self) -> None:
         check((Path(self.model_dir) / "config.json").is_file(), "model_dir", f"{self.model_dir} has no config.json")
-        for name in ("encoder", "prefill", "decode"):
-            check(":" in getattr(self, name), name, "must be host:port")
         check(self.max_context >= 0, "max_context", "must be >= 0")
+        check(self.worker_wait_s >= 0, "worker_wait_s", "must be >= 0")
+        check(self.request_lease_s > 0, "request_lease_s", "must be > 0")
 
     @property
     def served_name(self) -> str:

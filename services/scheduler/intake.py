@@ -105,6 +105,8 @@ class Admitted:
     priority: int
     arrival: float
     deadline: float | None  # absolute time.time(), None = none
+    ttft_target_s: float | None = None
+    tpot_target_s: float | None = None
 
     @property
     def image_tokens(self) -> int:
@@ -285,4 +287,6 @@ def admit(req: prism_pb2.GenerateRequest, models: dict[str, ServedModel], defaul
         request_id=request_id, model=model, prompt=prepared, sampling=sampling, max_new_tokens=max_new,
         stop=tuple(req.sampling.stop), stop_ids=stop_ids, ignore_eos=req.sampling.ignore_eos,
         priority=req.priority, arrival=arrival, deadline=min(deadlines) if deadlines else None,
+        ttft_target_s=req.slo.ttft_ms / 1000 if req.slo.ttft_ms else None,
+        tpot_target_s=req.slo.tpot_ms / 1000 if req.slo.tpot_ms else None,
     )

@@ -1,59 +1,147 @@
-"""PrismService, the public front door: a thin gRPC adapter over intake and the pipeline."""
+"""PrismService, the public front door: a thin gRPC adapter over intake, the request store and
+the pipeline.
+
+Accepted requests are persisted (the request with its resolved seed, then every chunk sent), so
+`Generate` is idempotent by `request_id`: a caller that lost its stream (a scheduler restart)
+sends the same request again and gets the whole stream, stored chunks first, then the rest as
+it is made. A restarted scheduler takes over the accepted requests whose owner's lease lapsed
+and drives them to the end.
+"""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 
+from prism.queue.requests import RequestRecord, RequestStore
 from prism.v1 import common_pb2, prism_pb2, prism_pb2_grpc
 from services.scheduler.intake import Admitted, Limits, RequestError, ServedModel, admit
-from services.scheduler.pipeline import Pipeline, StageError
+from services.scheduler.pipeline import Pipeline, Progress, StageError
+
+log = logging.getLogger(__name__)
 
 MODALITY = {"image": common_pb2.MODALITY_IMAGE, "audio": common_pb2.MODALITY_AUDIO}
 
 
 class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
-    def __init__(self, models: dict[str, ServedModel], default_model: str, limits: Limits, pipeline: Pipeline):
+    def __init__(self, models: dict[str, ServedModel], default_model: str, limits: Limits, pipeline: Pipeline,
+                 store: RequestStore, *, owner: str, lease_s: float):
         self.models, self.default_model, self.limits = models, default_model, limits
         self.pipeline = pipeline
+        self.store = store
+        self.owner, self.lease_s = owner, lease_s
         # Processing (media decoding, image processors, tokenizer) runs off the event loop.
         self._intake = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake")
+        self._drivers: dict[str, asyncio.Task] = {}
+
+    # ---- intake ------------------------------------------------------------------------
+    async def _process(self, request: prism_pb2.GenerateRequest, grpc_deadline: float | None) -> Admitted:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._intake, admit, request, self.models, self.default_model,
+                                          self.limits, grpc_deadline)
 
     async def _admit(self, request: prism_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Admitted:
         remaining = context.time_remaining()
         grpc_deadline = time.time() + remaining if remaining is not None else None
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(
-                self._intake, admit, request, self.models, self.default_model, self.limits, grpc_deadline
-            )
+            return await self._process(request, grpc_deadline)
         except RequestError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
 
-    async def Generate(self, request: prism_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        admitted = await self._admit(request, context)
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: StageError) -> None:
+        if exc.retry_after_s is not None:
+            context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
+        await context.abort(exc.code, exc.message)
+
+    # ---- streams -----------------------------------------------------------------------
+    async def _stream(self, request: prism_pb2.GenerateRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[prism_pb2.GenerateResponse]:
+        if request.request_id:
+            existing = await self.store.get(request.request_id)
+            if existing is not None:
+                async for message in self._replay(existing, context):
+                    yield message
+                return
+        adm = await self._admit(request, context)
         try:
-            async for message in self.pipeline.run(admitted):
+            self.pipeline.admit(adm)
+        except StageError as exc:
+            await self._abort(context, exc)
+        stored = prism_pb2.GenerateRequest()
+        stored.CopyFrom(request)
+        stored.request_id = adm.request_id
+        stored.sampling.seed = adm.sampling.seed  # a takeover must sample the same tokens
+        record = RequestRecord(request_id=adm.request_id, payload=stored.SerializeToString(),
+                               accepted_at=adm.arrival, deadline=adm.deadline, owner=self.owner)
+        if not await self.store.accept(record, lease_s=self.lease_s):
+            async for message in self._replay(await self.store.get(adm.request_id), context):
+                yield message
+            return
+        try:
+            async for message in self._drive(adm, Progress()):
                 yield message
         except StageError as exc:
-            await context.abort(exc.code, exc.message)
+            await self._abort(context, exc)
+
+    async def _drive(self, adm: Admitted, progress: Progress) -> AsyncIterator[prism_pb2.GenerateResponse]:
+        """Run the pipeline, storing every chunk before it is sent; finish the record."""
+        rid = adm.request_id
+        await self.store.set_status(rid, "running")
+        try:
+            async for message in self.pipeline.run(adm, progress):
+                index = len(progress.tokens) - len(message.token_ids)
+                if message.token_ids or message.text:
+                    await self.store.append_tokens(rid, index, list(message.token_ids), message.text)
+                if message.finish_reason:
+                    await self.store.finish(rid, "done", finish=int(message.finish_reason))
+                yield message
+        except StageError as exc:
+            await self.store.finish(rid, "failed", code=exc.code.name, message=exc.message)
+            raise
+        except asyncio.CancelledError:
+            # The caller went away: the request ends with it (nobody can receive the rest).
+            await asyncio.shield(self.store.finish(rid, "failed", code="CANCELLED", message="caller went away"))
+            raise
+
+    async def _replay(self, record: RequestRecord | None,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[prism_pb2.GenerateResponse]:
+        """The stored stream of an accepted request, then its live rest."""
+        if record is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "request_id: the request expired")
+        rid = record.request_id
+        count = 0
+        async for chunk in self.store.watch_chunks(rid):
+            count += len(chunk.tokens)
+            yield prism_pb2.GenerateResponse(request_id=rid, token_ids=chunk.tokens, text=chunk.text)
+        final = await self.store.get(rid)
+        if final is None or final.status == "failed":
+            code = getattr(grpc.StatusCode, final.code, grpc.StatusCode.UNKNOWN) if final else grpc.StatusCode.NOT_FOUND
+            await context.abort(code, final.message if final else "request_id: the request expired")
+        if final.status != "done":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "request_id: the request is still running elsewhere; retry")
+        yield prism_pb2.GenerateResponse(request_id=rid, finish_reason=final.finish,
+                                         usage=prism_pb2.Usage(generated_tokens=count))
+
+    async def Generate(self, request: prism_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        async for message in self._stream(request, context):
+            yield message
 
     async def GenerateUnary(self, request: prism_pb2.GenerateUnaryRequest, context: grpc.aio.ServicerContext):
-        admitted = await self._admit(request.request, context)
-        out = prism_pb2.GenerateUnaryResponse(request_id=admitted.request_id)
+        out = prism_pb2.GenerateUnaryResponse()
         texts = []
-        try:
-            async for message in self.pipeline.run(admitted):
-                out.token_ids.extend(message.token_ids)
-                texts.append(message.text)
-                if message.finish_reason:
-                    out.finish_reason = message.finish_reason
-                    out.timing.CopyFrom(message.timing)
-                    out.usage.CopyFrom(message.usage)
-        except StageError as exc:
-            await context.abort(exc.code, exc.message)
+        async for message in self._stream(request.request, context):
+            out.request_id = message.request_id
+            out.token_ids.extend(message.token_ids)
+            texts.append(message.text)
+            if message.finish_reason:
+                out.finish_reason = message.finish_reason
+                out.timing.CopyFrom(message.timing)
+                out.usage.CopyFrom(message.usage)
         out.text = "".join(texts)
         return out
 
@@ -71,3 +159,64 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                 for m in self.models.values()
             ],
         )
+
+    # ---- takeover ----------------------------------------------------------------------
+    async def take_over(self) -> int:
+        """Drive to the end every open request whose owner's lease lapsed (a scheduler that
+        died): their callers re-attach with the same request_id. Returns how many."""
+        taken = 0
+        for record in await self.store.unfinished():
+            rid = record.request_id
+            if rid in self._drivers or not await self.store.claim(rid, self.owner, self.lease_s):
+                continue
+            taken += 1
+            self._drivers[rid] = asyncio.create_task(self._resume(record))
+        return taken
+
+    async def _resume(self, record: RequestRecord) -> None:
+        rid = record.request_id
+        try:
+            request = prism_pb2.GenerateRequest.FromString(record.payload)
+            try:
+                adm = await self._process(request, None)
+            except RequestError as exc:
+                await self.store.finish(rid, "failed", code=exc.code, message=str(exc))
+                return
+            if record.deadline is not None:
+                adm = _with(adm, arrival=record.accepted_at, deadline=record.deadline)
+            else:
+                adm = _with(adm, arrival=record.accepted_at)
+            fresh = await self.store.get(rid)
+            generation = max(1, fresh.attempt if fresh is not None else record.attempt + 1)
+            progress = Progress(tokens=await self.store.tokens(rid), attempt=10 * generation)
+            await self.pipeline.cancel_attempts(rid, progress.attempt)
+            async for _ in self._drive(adm, progress):
+                pass
+        except StageError as exc:
+            log.warning("taken-over request %s failed: %s", rid, exc.message)
+        except Exception:
+            log.exception("taken-over request %s failed", rid)
+            await self.store.finish(rid, "failed", code="INTERNAL", message="scheduler takeover failed")
+        finally:
+            self._drivers.pop(rid, None)
+
+    async def keep_leases(self, every_s: float) -> None:
+        """Renew this scheduler's request leases, and take over orphans, until cancelled."""
+        while True:
+            try:
+                await self.store.renew(self.owner, self.lease_s)
+                await self.take_over()
+            except (ConnectionError, OSError) as exc:
+                log.warning("request leases: %s", exc)
+            await asyncio.sleep(every_s)
+
+    async def stop(self) -> None:
+        for task in list(self._drivers.values()):
+            task.cancel()
+        self._intake.shutdown(wait=False, cancel_futures=True)
+
+
+def _with(adm: Admitted, **changes) -> Admitted:
+    import dataclasses
+
+    return dataclasses.replace(adm, **changes)

@@ -8,46 +8,26 @@ import asyncio
 import grpc
 import pytest
 
-from prism.models.loading import ModelOptions
-from prism.runtime.server import ServerConfig
-from prism.runtime.stagework import start_stage
 from prism.v1 import common_pb2, prism_pb2, prism_pb2_grpc, stages_pb2, stages_pb2_grpc
-from services.decode.app import build as build_decode
-from services.decode.config import DecodeConfig
-from services.encoder.app import build as build_encoder
-from services.encoder.config import EncoderConfig
-from services.prefill.app import build as build_prefill
-from services.prefill.config import PrefillConfig
-from services.scheduler.app import build as build_scheduler
-from services.scheduler.config import SchedulerConfig
 from tests.conftest import png_bytes, random_image
+from tests.integration.cluster import LocalCluster
 from tests.oracle import Oracle
 
 SLOTS = 2
 
 
-def server() -> ServerConfig:
-    return ServerConfig(port=0, otel=False, drain_grace_s=5)
-
-
 @pytest.fixture
 async def system(tiny_models):
-    model_dir = tiny_models["llava"]
-    model = ModelOptions(model_dir=model_dir, threads=1)
-    enc = await start_stage(server(), await build_encoder(EncoderConfig(model=model, server=server(), fetch_wait_s=1)),
-                            handle_signals=False)
-    pre = await start_stage(server(), await build_prefill(PrefillConfig(model=model, server=server(), fetch_wait_s=1)),
-                            handle_signals=False)
-    dec = await start_stage(server(), await build_decode(DecodeConfig(model=model, server=server(), slots=SLOTS, max_len=512)),
-                            handle_signals=False)
-    sch = await start_stage(server(), await build_scheduler(SchedulerConfig(
-        model_dir=model_dir, encoder=enc.address, prefill=pre.address, decode=dec.address, max_context=512, server=server())),
-        handle_signals=False)
-    channel = grpc.aio.insecure_channel(sch.address)
-    yield {"encoder": enc, "prefill": pre, "decode": dec, "scheduler": sch, "channel": channel, "model_dir": model_dir}
-    await channel.close()
-    for stage in (sch, dec, pre, enc):
-        await stage.stop()
+    """Split layout: one worker per stage, queues in memory."""
+    cluster = await LocalCluster(tiny_models["llava"], [("encode",), ("prefill",), ("decode",)], slots=SLOTS).start()
+    hosts = {stages[0]: cluster.hosts[name] for name in cluster.hosts for stages in [tuple(name.rsplit("-", 1)[0].split("+"))]}
+    yield {"encoder": hosts["encode"], "prefill": hosts["prefill"], "decode": hosts["decode"],
+           "channel": cluster.channel, "cluster": cluster}
+    await cluster.stop()
+
+
+def parts(host, stage: str) -> dict:
+    return host.apps[stage].parts
 
 
 def chat(text: str, images: list[bytes] = (), max_new_tokens: int = 8, ignore_eos: bool = False) -> prism_pb2.GenerateRequest:
@@ -85,16 +65,16 @@ async def test_generate_matches_generate_and_leaves_nothing_behind(system, oracl
     tokens, last = await collect(stub, chat("describe it", [png_bytes(1)], max_new_tokens=6))
     assert tokens == oracle.chat("describe it", [random_image(1)], 6)
     assert last.usage.generated_tokens == len(tokens) and last.usage.image_tokens > 0
-    decode = system["decode"].app.parts
+    decode = parts(system["decode"], "decode")
     assert await wait_until(lambda: decode["engine"].free_slots == SLOTS)
-    assert len(system["prefill"].app.parts["worker"].held) == 0
-    assert len(system["encoder"].app.parts["worker"].held) == 0
-    assert decode["worker"].outputs == {}
+    assert len(parts(system["prefill"], "prefill")["worker"].held) == 0
+    assert len(parts(system["encoder"], "encode")["worker"].held) == 0
+    assert system["cluster"].parts["cluster"].book.inflight == 0
 
 
 async def test_cancel_mid_stream_frees_the_decode_slot_and_kv_at_once(system, oracle):
     stub = prism_pb2_grpc.PrismServiceStub(system["channel"])
-    engine = system["decode"].app.parts["engine"]
+    engine = parts(system["decode"], "decode")["engine"]
     call = stub.Generate(chat("count forever", max_new_tokens=400, ignore_eos=True))
     seen = 0
     async for message in call:
@@ -104,7 +84,6 @@ async def test_cancel_mid_stream_frees_the_decode_slot_and_kv_at_once(system, or
     assert engine.num_active == 1
     call.cancel()
     assert await wait_until(lambda: engine.free_slots == SLOTS and engine.num_active == 0, timeout=2.0)
-    assert system["decode"].app.parts["worker"].outputs == {}
     # The freed slots serve new requests correctly.
     tokens, _ = await collect(stub, chat("again", [png_bytes(2)], max_new_tokens=5))
     assert tokens == oracle.chat("again", [random_image(2)], 5)

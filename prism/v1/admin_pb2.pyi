@@ -1,0 +1,132 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("name", "address", "stages", "live", "draining", "pending_tokens", "decode_slots", "decode_active")
+    class PendingTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    stages: _containers.RepeatedScalarFieldContainer[str]
+    live: bool
+    draining: bool
+    pending_tokens: _containers.ScalarMap[str, int]
+    decode_slots: int
+    decode_active: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., live: _Optional[bool] = ..., draining: _Optional[bool] = ..., pending_tokens: _Optional[_Mapping[str, int]] = ..., decode_slots: _Optional[int] = ..., decode_active: _Optional[int] = ...) -> None: ...
+
+class StageStatus(_message.Message):
+    __slots__ = ("stage", "queued", "pending_tokens", "load_tokens_per_s", "capacity_tokens_per_s", "desired_replicas", "actual_replicas", "min_replicas", "max_replicas", "slo_attainment")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ACTUAL_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    SLO_ATTAINMENT_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    queued: int
+    pending_tokens: int
+    load_tokens_per_s: float
+    capacity_tokens_per_s: float
+    desired_replicas: int
+    actual_replicas: int
+    min_replicas: int
+    max_replicas: int
+    slo_attainment: float
+    def __init__(self, stage: _Optional[str] = ..., queued: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., load_tokens_per_s: _Optional[float] = ..., capacity_tokens_per_s: _Optional[float] = ..., desired_replicas: _Optional[int] = ..., actual_replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., slo_attainment: _Optional[float] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("stages", "workers", "in_flight", "placements", "dead_letters")
+    class PlacementsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    in_flight: int
+    placements: _containers.ScalarMap[str, int]
+    dead_letters: int
+    def __init__(self, stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., in_flight: _Optional[int] = ..., placements: _Optional[_Mapping[str, int]] = ..., dead_letters: _Optional[int] = ...) -> None: ...
+
+class ListRequestsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class InFlightRequest(_message.Message):
+    __slots__ = ("request_id", "stage", "placement", "instances", "age_ms", "attempt", "generated_tokens")
+    class InstancesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    stage: str
+    placement: str
+    instances: _containers.ScalarMap[str, str]
+    age_ms: float
+    attempt: int
+    generated_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., stage: _Optional[str] = ..., placement: _Optional[str] = ..., instances: _Optional[_Mapping[str, str]] = ..., age_ms: _Optional[float] = ..., attempt: _Optional[int] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
+
+class ListRequestsResponse(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[InFlightRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[InFlightRequest, _Mapping]]] = ...) -> None: ...
+
+class DrainWorkerRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DrainWorkerResponse(_message.Message):
+    __slots__ = ("moved_tasks",)
+    MOVED_TASKS_FIELD_NUMBER: _ClassVar[int]
+    moved_tasks: int
+    def __init__(self, moved_tasks: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,183 @@
+"""The scheduler's view of its workers: who is alive (the registry), what is pending where (the
+LoadBook), what each can do (profiled capacity), and the reaper that handles a worker that died.
+
+A worker that stops heartbeating for `worker_ttl_s` is dead. Its tasks that had started
+(TRANSFERRING, RUNNING, READY: their inputs or outputs lived in its memory) are failed with
+UNAVAILABLE, which makes the pipeline retry their requests on live workers; the tasks still
+waiting in its queues are moved to live workers of the same stage (at-least-once delivery).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from prism.queue.base import TaskState, UnknownTask, WorkQueue
+from prism.runtime.backend import Backend
+from services.scheduler.core import Instance, LoadBook, NoInstance, route
+from services.scheduler.core.autoscale import capacity_from_profile
+
+log = logging.getLogger(__name__)
+
+#: Tokens per second assumed for a stage of a worker that reported none and has no profile yet.
+DEFAULT_CAPACITY = {"encode": 2000.0, "prefill": 2000.0, "decode": 200.0}
+
+
+class Cluster:
+    def __init__(self, backend: Backend, model: str, *, refresh_s: float = 0.25,
+                 default_capacity: dict[str, float] | None = None, profile_window: int = 32):
+        self.backend = backend
+        self.model = model
+        self.refresh_s = refresh_s
+        self.default_capacity = dict(default_capacity or DEFAULT_CAPACITY)
+        self.book = LoadBook()
+        self.instances: list[Instance] = []
+        self.infos: dict[str, Any] = {}
+        self.lost: collections.Counter[str] = collections.Counter()
+        self._profiles: dict[tuple[str, str], collections.deque] = {}
+        self._profile_window = profile_window
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._reaping: set[str] = set()
+
+    # ---- registry ----------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except (ConnectionError, OSError) as exc:  # Redis restarting: keep the last view
+                log.warning("registry refresh failed: %s", exc)
+            except Exception:
+                log.exception("registry refresh failed")
+
+    async def refresh(self) -> None:
+        registry = self.backend.registry
+        live = [w for w in await registry.live() if w.model == self.model]
+        self.infos = {w.name: w for w in live}
+        self.instances = [self._instance(w) for w in live]
+        self._changed.set()
+        self._changed = asyncio.Event()
+        dead = [n for n in await registry.known() if n not in self.infos and n not in self._reaping]
+        for name in dead:
+            info = await registry.get(name)
+            if info is not None and info.model != self.model:
+                continue
+            self._reaping.add(name)
+            try:
+                await self.reap(name, info.stages if info is not None else frozenset(("encode", "prefill", "decode")))
+                await registry.forget(name)
+            finally:
+                self._reaping.discard(name)
+
+    def _instance(self, w: Any) -> Instance:
+        cap = {}
+        for stage in w.stages:
+            cap[stage] = w.capacity.get(stage) or self.profiled(w.name, stage) or self.default_capacity[stage]
+        return Instance(name=w.name, address=w.address, stages=frozenset(w.stages), capacity=cap,
+                        decode_slots=w.decode_slots if "decode" in w.stages else 0, draining=w.draining)
+
+    async def wait_for(self, stages: Iterable[str], timeout: float) -> None:
+        """Wait until some live instance hosts each of `stages` (start-up), or raise NoInstance."""
+        until = time.monotonic() + timeout
+        need = set(stages)
+        while True:
+            have = {s for i in self.instances if not i.draining for s in i.stages}
+            missing = need - have
+            if not missing:
+                return
+            left = until - time.monotonic()
+            if left <= 0:
+                raise NoInstance(sorted(missing)[0], "no live worker hosts it")
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    # ---- profiles ----------------------------------------------------------------------
+    def record(self, instance: str, stage: str, tokens: int, seconds: float) -> None:
+        """A measured (tokens, seconds) of a stage's compute on an instance."""
+        if tokens > 0 and seconds > 0:
+            self._profiles.setdefault((instance, stage), collections.deque(maxlen=self._profile_window)).append(
+                (tokens, seconds))
+
+    def profiled(self, instance: str, stage: str) -> float:
+        samples = self._profiles.get((instance, stage))
+        return capacity_from_profile(list(samples)) if samples else 0.0
+
+    # ---- queues ------------------------------------------------------------------------
+    def queue(self, stage: str, instance: str) -> WorkQueue:
+        return self.backend.queue(stage, instance)
+
+    async def reap(self, name: str, stages: Iterable[str]) -> int:
+        """Handle a dead worker: fail its started tasks (their requests are retried), move its
+        waiting ones to live workers. Returns the number of tasks failed or moved."""
+        touched = 0
+        for task_id, stage in list(self.book.requests_on(name)):
+            queue = self.queue(stage, name)
+            try:
+                state = await queue.state(task_id)
+                if state is not None and not state.terminal and state is not TaskState.QUEUED:
+                    await queue.set_state(task_id, TaskState.FAILED, code="UNAVAILABLE",
+                                          message=f"worker {name} was lost", lost_worker=name)
+                    touched += 1
+            except UnknownTask:
+                pass
+        if self.backend.durable:
+            from prism.queue.redis_queue import move_tasks
+
+            for stage in stages:
+                def choose(item, stage=stage) -> str:
+                    target = route(stage, self.instances, self.book, exclude=(name,))
+                    self.book.move(item.task_id, stage, target.name, from_instance=name)
+                    return target.name
+
+                try:
+                    moved = await move_tasks(self.backend.client, namespace=self.backend.options.namespace,
+                                             stage=stage, from_instance=name, route=choose)
+                except NoInstance as exc:
+                    log.error("cannot move the %s tasks of dead worker %s: %s", stage, name, exc)
+                    continue
+                touched += len(moved)
+        self.lost[name] += 1
+        log.warning("worker %s is gone: %d of its tasks failed over", name, touched)
+        return touched
+
+    async def drain(self, name: str) -> int:
+        """Stop routing to `name` and move its waiting tasks to other workers."""
+        registry = self.backend.registry
+        if not await registry.set_draining(name, True):
+            raise KeyError(name)
+        await self.refresh()
+        if not self.backend.durable:
+            return 0
+        from prism.queue.redis_queue import move_tasks
+
+        info = await registry.get(name)
+        moved = 0
+        for stage in info.stages if info is not None else ():
+            def choose(item, stage=stage) -> str:
+                target = route(stage, self.instances, self.book, exclude=(name,))
+                self.book.move(item.task_id, stage, target.name, from_instance=name)
+                return target.name
+
+            # Only entries never delivered: what the worker took, it finishes while draining.
+            moved += len(await move_tasks(self.backend.client, namespace=self.backend.options.namespace,
+                                          stage=stage, from_instance=name, route=choose, min_idle_ms=10**12))
+        return moved

@@ -1,0 +1,1 @@
+"""A worker process hosting several stages (colocation)."""
