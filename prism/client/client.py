@@ -18,6 +18,8 @@ Failed calls raise :mod:`prism.client.errors` types. A stream stops cleanly afte
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -79,10 +81,19 @@ class _Base:
 
 class TokenStream(Iterator[TokenChunk]):
     """Iterator over a sync ``Generate`` call. ``cancel()`` ends it (quietly) and cancels the
-    call on the server; use it as a context manager to cancel an unfinished stream on exit."""
+    call on the server; use it as a context manager to cancel an unfinished stream on exit.
 
-    def __init__(self, call):
+    A stream that breaks with UNAVAILABLE (the scheduler restarted) is resumed: the same request
+    (same ``request_id``) is sent again, the server replays the stream it stored, and the chunks
+    already received are skipped, so the caller sees each token exactly once."""
+
+    def __init__(self, call, restart=None, max_resumes: int = 5, resume_delay_s: float = 0.5):
         self._call = call
+        self._restart = restart
+        self._resumes_left = max_resumes
+        self._delay = resume_delay_s
+        self._received = 0  # chunks handed to the caller
+        self._skip = 0  # replayed chunks still to skip after a resume
         self._cancelled = False
         self._done = False
 
@@ -90,19 +101,31 @@ class TokenStream(Iterator[TokenChunk]):
         return self
 
     def __next__(self) -> TokenChunk:
-        if self._done:
-            raise StopIteration
-        try:
-            msg = next(self._call)
-        except StopIteration:
-            self._done = True
-            raise
-        except grpc.RpcError as e:
-            self._done = True
-            if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise from_rpc_error(e) from None
-        return TokenChunk.from_proto(msg)
+        while True:
+            if self._done:
+                raise StopIteration
+            try:
+                msg = next(self._call)
+            except StopIteration:
+                self._done = True
+                raise
+            except grpc.RpcError as e:
+                if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                    self._done = True
+                    raise StopIteration from None
+                if e.code() == grpc.StatusCode.UNAVAILABLE and self._restart is not None and self._resumes_left > 0:
+                    self._resumes_left -= 1
+                    time.sleep(self._delay)
+                    self._call, self._skip = self._restart(), self._received
+                    continue
+                self._done = True
+                raise from_rpc_error(e) from None
+            if self._skip > 0 and not msg.finish_reason:
+                self._skip -= 1
+                continue
+            self._skip = 0
+            self._received += 1
+            return TokenChunk.from_proto(msg)
 
     def cancel(self) -> None:
         """Stop the stream; the server's handler is cancelled."""
@@ -124,10 +147,16 @@ class TokenStream(Iterator[TokenChunk]):
 
 
 class AsyncTokenStream:
-    """Async iterator over a ``grpc.aio`` ``Generate`` call; see :class:`TokenStream`."""
+    """Async iterator over a ``grpc.aio`` ``Generate`` call; see :class:`TokenStream` (it
+    resumes the same way)."""
 
-    def __init__(self, call):
+    def __init__(self, call, restart=None, max_resumes: int = 5, resume_delay_s: float = 0.5):
         self._call = call
+        self._restart = restart
+        self._resumes_left = max_resumes
+        self._delay = resume_delay_s
+        self._received = 0
+        self._skip = 0
         self._cancelled = False
         self._done = False
 
@@ -135,24 +164,36 @@ class AsyncTokenStream:
         return self
 
     async def __anext__(self) -> TokenChunk:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            msg = await self._call.read()
-        except asyncio.CancelledError:
-            if self._cancelled:  # our own cancel(): end quietly
+        while True:
+            if self._done:
+                raise StopAsyncIteration
+            try:
+                msg = await self._call.read()
+            except asyncio.CancelledError:
+                if self._cancelled:  # our own cancel(): end quietly
+                    self._done = True
+                    raise StopAsyncIteration from None
+                raise
+            except grpc.RpcError as e:
+                if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                    self._done = True
+                    raise StopAsyncIteration from None
+                if e.code() == grpc.StatusCode.UNAVAILABLE and self._restart is not None and self._resumes_left > 0:
+                    self._resumes_left -= 1
+                    await asyncio.sleep(self._delay)
+                    self._call, self._skip = self._restart(), self._received
+                    continue
                 self._done = True
-                raise StopAsyncIteration from None
-            raise
-        except grpc.RpcError as e:
-            self._done = True
-            if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
-                raise StopAsyncIteration from None
-            raise from_rpc_error(e) from None
-        if msg is grpc.aio.EOF:
-            self._done = True
-            raise StopAsyncIteration
-        return TokenChunk.from_proto(msg)
+                raise from_rpc_error(e) from None
+            if msg is grpc.aio.EOF:
+                self._done = True
+                raise StopAsyncIteration
+            if self._skip > 0 and not msg.finish_reason:
+                self._skip -= 1
+                continue
+            self._skip = 0
+            self._received += 1
+            return TokenChunk.from_proto(msg)
 
     def cancel(self) -> None:
         if not self._done:
@@ -220,8 +261,10 @@ class PrismClient(_Base):
         """Stream tokens as they are generated (a :class:`TokenStream` of :class:`TokenChunk`).
         Request arguments as in :func:`prism.client.build_request`."""
         kw = {k: v for k, v in locals().items() if k in _REQUEST_KWARGS}
+        kw["request_id"] = request_id or secrets.token_hex(12)  # the key a resumed stream re-attaches with
         req = build_request(prompt, **kw)
-        return TokenStream(self._stub.Generate(req, **self._call_args(timeout, metadata)))
+        args = self._call_args(timeout, metadata)
+        return TokenStream(self._stub.Generate(req, **args), lambda: self._stub.Generate(req, **args))
 
     def complete(
         self,
@@ -322,8 +365,10 @@ class AsyncPrismClient(_Base):
     ) -> AsyncTokenStream:
         """``async for chunk in client.generate(...)`` (an :class:`AsyncTokenStream`)."""
         kw = {k: v for k, v in locals().items() if k in _REQUEST_KWARGS}
+        kw["request_id"] = request_id or secrets.token_hex(12)  # the key a resumed stream re-attaches with
         req = build_request(prompt, **kw)
-        return AsyncTokenStream(self._stub.Generate(req, **self._call_args(timeout, metadata)))
+        args = self._call_args(timeout, metadata)
+        return AsyncTokenStream(self._stub.Generate(req, **args), lambda: self._stub.Generate(req, **args))
 
     async def complete(
         self,

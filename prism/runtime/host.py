@@ -162,10 +162,11 @@ class WorkerHost:
 
     async def drain_workers(self) -> None:
         """Stop taking work (close the queues) and finish what was taken."""
-        try:
-            await self.backend.registry.set_draining(self.name, True)
-        except Exception as exc:  # the registry may be unreachable; draining goes on
-            log.warning("could not mark %s draining: %s", self.name, exc)
+        if self._heartbeat is not None:
+            try:
+                await self._heartbeat.set_draining(True)  # kept across re-registrations
+            except (ConnectionError, OSError) as exc:  # the registry may be unreachable; draining goes on
+                log.warning("could not mark %s draining: %s", self.name, exc)
         for app in self.apps.values():
             if app.queue is not None:
                 await app.queue.close()
