@@ -27,8 +27,8 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
     model = await asyncio.to_thread(ServedModel.load, config.served_name, config.model_dir, config.max_context)
     owns_backend = backend is None
     backend = backend or Backend(config.queue)
-    cluster = Cluster(backend, model.name)
     policy = config.policy
+    cluster = Cluster(backend, model.name, default_capacity=policy.capacity)
     placement = Placement(policy.placement, colocate_below=policy.colocate_below)
     admission = Admission(Limits(queue_tokens=policy.queue_tokens, max_inflight=policy.max_inflight), placement)
     scaling = Scaling(cluster, policy)

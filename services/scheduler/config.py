@@ -31,6 +31,9 @@ class Policy:
     scale_out_cooldown_s: float = field(default=10.0, metadata={"help": "autoscaling: seconds between scale-outs of a stage"})
     scale_in_cooldown_s: float = field(default=60.0, metadata={"help": "autoscaling: seconds of low load before removing a replica"})
     autoscale_window_s: float = field(default=10.0, metadata={"help": "autoscaling: window of the load and SLO-attainment measures"})
+    encode_capacity: float = field(default=2000.0, metadata={"help": "media tokens/s an encoder is assumed to do until it is profiled"})
+    prefill_capacity: float = field(default=2000.0, metadata={"help": "prompt tokens/s a prefill worker is assumed to do until it is profiled"})
+    decode_capacity: float = field(default=200.0, metadata={"help": "generated tokens/s of a full decode batch, assumed until profiled"})
 
     def __post_init__(self) -> None:
         check(self.placement in PLACEMENTS, "placement", f"must be one of {', '.join(PLACEMENTS)}")
@@ -44,6 +47,12 @@ class Policy:
         check(self.scale_out_cooldown_s >= 0, "scale_out_cooldown_s", "must be >= 0")
         check(self.scale_in_cooldown_s >= 0, "scale_in_cooldown_s", "must be >= 0")
         check(self.autoscale_window_s > 0, "autoscale_window_s", "must be > 0")
+        for name in ("encode_capacity", "prefill_capacity", "decode_capacity"):
+            check(getattr(self, name) > 0, name, "must be > 0")
+
+    @property
+    def capacity(self) -> dict[str, float]:
+        return {"encode": self.encode_capacity, "prefill": self.prefill_capacity, "decode": self.decode_capacity}
 
     @property
     def queue_tokens(self) -> dict[str, int]:

@@ -1,0 +1,176 @@
+"""The scheduler over real workers in this process (queues in memory): batching across requests
+with token-exact outputs, text-only requests bypassing the encoder, a request's images spread
+over two encoders, colocated versus split placement, admission refusals, the admin API."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from prism.v1 import admin_pb2, common_pb2, prism_pb2
+from services.scheduler.config import Policy
+from tests.conftest import png_bytes, random_image
+from tests.integration.cluster import LocalCluster
+from tests.oracle import Oracle
+
+
+def chat(text: str, images: list[bytes] = (), max_new_tokens: int = 6, **kw) -> prism_pb2.GenerateRequest:
+    content = [prism_pb2.ContentPart(media=prism_pb2.MediaPart(image=prism_pb2.Image(data=b))) for b in images]
+    content.append(prism_pb2.ContentPart(text=text))
+    return prism_pb2.GenerateRequest(
+        chat=prism_pb2.Chat(messages=[prism_pb2.ChatMessage(role="user", content=content)]),
+        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens), **kw)
+
+
+async def collect(stub, request) -> tuple[list[int], prism_pb2.GenerateResponse]:
+    tokens, last = [], None
+    async for message in stub.Generate(request):
+        tokens.extend(message.token_ids)
+        last = message
+    return tokens, last
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_models) -> Oracle:
+    return Oracle(tiny_models["llava"])
+
+
+SPLIT2 = [("encode",), ("encode",), ("prefill",), ("decode",)]
+
+
+async def test_batches_form_across_requests_and_outputs_stay_exact(tiny_models, oracle):
+    async with LocalCluster(tiny_models["llava"], SPLIT2, slots=8) as c:
+        requests = [(f"picture {i}", [png_bytes(10 + i)] if i % 2 == 0 else [], 3 + i) for i in range(8)]
+        results = await asyncio.gather(*[collect(c.stub, chat(t, imgs, n)) for t, imgs, n in requests])
+        for (text, imgs, n), (tokens, last) in zip(requests, results):
+            assert tokens == oracle.chat(text, [random_image(10 + int(text.split()[1]))] if imgs else [], n)
+            assert last.finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
+        encoders = c.named(("encode",))
+        enc_batches = [b for name in encoders for b in c.worker(name, "encode").batch_sizes]
+        dec_batches = list(c.worker(c.named(("decode",))[0], "decode").batch_sizes)
+        pre_batches = list(c.worker(c.named(("prefill",))[0], "prefill").batch_sizes)
+        assert max(dec_batches) > 1, dec_batches
+        assert max(pre_batches) > 1, pre_batches
+        assert sum(enc_batches) == 4  # the four image requests, no text-only one
+        status = await c.status()
+        assert status.in_flight == 0 and all(s.pending_tokens == 0 for s in status.stages)
+
+
+async def test_encoder_batches_images_of_several_requests(tiny_models, oracle):
+    import threading
+
+    async with LocalCluster(tiny_models["llava"], [("encode",), ("prefill",), ("decode",)], slots=8) as c:
+        name = c.named(("encode",))[0]
+        encoder, host = c.worker(name, "encode"), c.hosts[name]
+        release = threading.Event()
+        blocker = asyncio.create_task(host.ctx.compute.run(release.wait, 30))  # the tower is busy
+        tasks = [asyncio.create_task(collect(c.stub, chat(f"img {i}", [png_bytes(20 + i)], 3))) for i in range(5)]
+        queue = c.parts["cluster"].queue("encode", name)
+        for _ in range(500):  # until the worker holds one task and four wait behind it
+            if await queue.depth() >= 4:
+                break
+            await asyncio.sleep(0.01)
+        release.set()
+        await blocker
+        results = await asyncio.gather(*tasks)
+        for i, (tokens, _) in enumerate(results):
+            assert tokens == oracle.chat(f"img {i}", [random_image(20 + i)], 3)
+        assert list(encoder.batch_sizes) == [1, 4]
+
+
+async def test_text_only_requests_never_touch_the_encoder(tiny_models, oracle):
+    async with LocalCluster(tiny_models["llava"], [("encode",), ("prefill",), ("decode",)]) as c:
+        encoder = c.worker(c.named(("encode",))[0], "encode")
+        results = await asyncio.gather(*[collect(c.stub, chat(f"just text {i}", [], 4)) for i in range(4)])
+        for i, (tokens, _) in enumerate(results):
+            assert tokens == oracle.chat(f"just text {i}", [], 4)
+        assert list(encoder.batch_sizes) == []
+        assert c.parts["cluster"].book.stage_pending("encode") == 0
+
+
+async def test_images_of_one_request_are_encoded_on_two_encoders(tiny_models, oracle):
+    async with LocalCluster(tiny_models["llava"], SPLIT2) as c:
+        tokens, _ = await collect(c.stub, chat("two pictures", [png_bytes(3), png_bytes(4)], 5))
+        assert tokens == oracle.chat("two pictures", [random_image(3), random_image(4)], 5)
+        per_encoder = [sum(c.worker(n, "encode").batch_sizes) for n in c.named(("encode",))]
+        assert per_encoder == [1, 1]  # one encode task (one image) on each encoder
+
+
+async def test_adaptive_placement_takes_colocated_path_when_idle_and_reports_it(tiny_models, oracle):
+    layout = [("encode", "prefill", "decode"), ("encode",), ("prefill",), ("decode",)]
+    async with LocalCluster(tiny_models["llava"], layout, placement="adaptive") as c:
+        tokens, _ = await collect(c.stub, chat("alone", [png_bytes(5)], 4))
+        assert tokens == oracle.chat("alone", [random_image(5)], 4)
+        assert c.parts["pipeline"].placements == {"split": 0, "colocated": 1}
+        status = await c.status()
+        assert dict(status.placements) == {"split": 0, "colocated": 1}
+
+
+async def test_split_placement_over_a_colocated_worker_still_exact(tiny_models, oracle):
+    layout = [("encode", "prefill", "decode"), ("encode",), ("prefill",), ("decode",)]
+    async with LocalCluster(tiny_models["llava"], layout, placement="split") as c:
+        results = await asyncio.gather(*[collect(c.stub, chat(f"s {i}", [png_bytes(30 + i)], 4)) for i in range(3)])
+        for i, (tokens, _) in enumerate(results):
+            assert tokens == oracle.chat(f"s {i}", [random_image(30 + i)], 4)
+        assert c.parts["pipeline"].placements["split"] == 3
+
+
+async def test_admission_refuses_early_what_cannot_meet_its_deadline(tiny_models):
+    policy = Policy(decode_capacity=10.0)  # 10 tokens/s: 500 tokens cannot finish in 1 s
+    async with LocalCluster(tiny_models["llava"], [("encode", "prefill", "decode")], policy=policy) as c:
+        request = chat("long", [], 300)
+        request.slo.deadline_ms = 1000
+        call = c.stub.Generate(request)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "deadline" in err.value.details()
+        # Not even an idle system could make it: no retry hint.
+        assert "retry-after-ms" not in dict(await call.trailing_metadata() or ())
+        assert c.parts["cluster"].book.inflight == 0  # nothing was queued
+
+
+async def test_back_pressure_when_a_stage_queue_passes_its_bound(tiny_models):
+    policy = Policy(prefill_queue_tokens=1)
+    async with LocalCluster(tiny_models["llava"], [("encode", "prefill", "decode")], policy=policy) as c:
+        first = asyncio.create_task(collect(c.stub, chat("first one", [], 40)))
+        for _ in range(200):
+            if c.parts["cluster"].book.stage_pending("prefill") or c.parts["cluster"].book.stage_pending("decode"):
+                break
+            await asyncio.sleep(0.005)
+        call = c.stub.Generate(chat("second one", [], 4))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "prefill" in err.value.details()
+        assert int(dict(await call.trailing_metadata())["retry-after-ms"]) >= 50
+        tokens, _ = await first
+        assert len(tokens) >= 1
+
+
+async def test_admin_lists_requests_and_drains_a_worker(tiny_models, oracle):
+    async with LocalCluster(tiny_models["llava"], [("prefill",), ("decode",), ("decode",)], slots=2) as c:
+        call = c.stub.Generate(chat("count", [], 300, ))
+        got = 0
+        async for message in call:
+            got += len(message.token_ids)
+            if got >= 2:
+                break
+        listed = await c.admin.ListRequests(admin_pb2.ListRequestsRequest())
+        assert len(listed.requests) == 1 and listed.requests[0].generated_tokens >= 2
+        assert listed.requests[0].placement == "split"
+        call.cancel()
+        decoders = c.named(("decode",))
+        await c.admin.DrainWorker(admin_pb2.DrainWorkerRequest(name=decoders[0]))
+        await c.parts["cluster"].refresh()
+        status = await c.status()
+        drained = {w.name: w.draining for w in status.workers}
+        assert drained[decoders[0]] is True and drained[decoders[1]] is False
+        tokens, _ = await collect(c.stub, chat("after drain", [], 4))
+        assert tokens == oracle.chat("after drain", [], 4)
+        assert sum(c.worker(decoders[1], "decode").batch_sizes) > 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.admin.DrainWorker(admin_pb2.DrainWorkerRequest(name="nobody"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
