@@ -58,6 +58,11 @@ class DeploymentOptions:
     autoscale: bool = False
     min_replicas: int = 1
     max_replicas: int = 4
+    #: Registry timing: a worker silent for worker_ttl_s is dead (its work fails over).
+    heartbeat_s: float = 1.0
+    worker_ttl_s: float = 3.0
+    #: An accepted request whose scheduler stopped renewing its lease this long is taken over.
+    request_lease_s: float = 10.0
     #: Extra arguments per process kind ("scheduler", "encode", "prefill", "decode", "worker").
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     start_timeout_s: float = 180.0
@@ -101,7 +106,9 @@ class Deployment:
                 if n != "scheduler" and c.alive() and (stages is None or n.rsplit("-", 1)[0] == "+".join(stages))]
 
     def _queue_args(self) -> list[str]:
-        return ["--redis-url", self.redis_url, "--namespace", self.options.namespace]
+        o = self.options
+        return ["--redis-url", self.redis_url, "--namespace", o.namespace, "--heartbeat-s", str(o.heartbeat_s),
+                "--worker-ttl-s", str(o.worker_ttl_s)]
 
     def start_worker(self, stages: tuple[str, ...]) -> str:
         """Start one worker process hosting `stages`; returns its name (also its registry name)."""
@@ -135,12 +142,7 @@ class Deployment:
                 self.redis_url = self.redis.url
             for stages in LAYOUTS[o.layout]:
                 self.start_worker(stages)
-            sched = ["--host", o.host, "--model-dir", str(o.model_dir), "--max-context", str(o.max_len),
-                     *self._queue_args(), "--placement", o.placement, "--min-replicas", str(o.min_replicas),
-                     "--max-replicas", str(o.max_replicas), *o.extra_args.get("scheduler", [])]
-            if o.port:
-                sched += ["--port", str(o.port)]
-            self.supervisor.start_service("scheduler", sched, health_service="prism.v1.PrismService")
+            self.start_scheduler()
             self.wait_for_workers(len(self.workers()))
             if o.autoscale:
                 self._scaler = threading.Thread(target=self._scale_loop, name="autoscale", daemon=True)
@@ -149,6 +151,25 @@ class Deployment:
             self.stop()
             raise
         return self
+
+    def start_scheduler(self, port: int | None = None) -> str:
+        """Start the scheduler (again, after `kill`: on `port` to keep its address)."""
+        o = self.options
+        sched = ["--host", o.host, "--model-dir", str(o.model_dir), "--max-context", str(o.max_len),
+                 *self._queue_args(), "--placement", o.placement, "--min-replicas", str(o.min_replicas),
+                 "--max-replicas", str(o.max_replicas), "--request-lease-s", str(o.request_lease_s),
+                 *o.extra_args.get("scheduler", [])]
+        if port or o.port:
+            sched += ["--port", str(port or o.port)]
+        return self.supervisor.start_service("scheduler", sched, health_service="prism.v1.PrismService").address
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (a crash: no drain, no deregistration)."""
+        import signal
+
+        child = self.supervisor.children[name]
+        child.process.send_signal(signal.SIGKILL)
+        child.process.wait()
 
     def status(self, timeout: float = 5.0):
         """The scheduler's admin status (`GetStatusResponse`)."""

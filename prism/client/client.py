@@ -87,7 +87,7 @@ class TokenStream(Iterator[TokenChunk]):
     (same ``request_id``) is sent again, the server replays the stream it stored, and the chunks
     already received are skipped, so the caller sees each token exactly once."""
 
-    def __init__(self, call, restart=None, max_resumes: int = 5, resume_delay_s: float = 0.5):
+    def __init__(self, call, restart=None, max_resumes: int = 6, resume_delay_s: float = 0.25):
         self._call = call
         self._restart = restart
         self._resumes_left = max_resumes
@@ -116,6 +116,7 @@ class TokenStream(Iterator[TokenChunk]):
                 if e.code() == grpc.StatusCode.UNAVAILABLE and self._restart is not None and self._resumes_left > 0:
                     self._resumes_left -= 1
                     time.sleep(self._delay)
+                    self._delay = min(self._delay * 2, 8.0)
                     self._call, self._skip = self._restart(), self._received
                     continue
                 self._done = True
@@ -150,7 +151,7 @@ class AsyncTokenStream:
     """Async iterator over a ``grpc.aio`` ``Generate`` call; see :class:`TokenStream` (it
     resumes the same way)."""
 
-    def __init__(self, call, restart=None, max_resumes: int = 5, resume_delay_s: float = 0.5):
+    def __init__(self, call, restart=None, max_resumes: int = 6, resume_delay_s: float = 0.25):
         self._call = call
         self._restart = restart
         self._resumes_left = max_resumes
@@ -181,6 +182,7 @@ class AsyncTokenStream:
                 if e.code() == grpc.StatusCode.UNAVAILABLE and self._restart is not None and self._resumes_left > 0:
                     self._resumes_left -= 1
                     await asyncio.sleep(self._delay)
+                    self._delay = min(self._delay * 2, 8.0)
                     self._call, self._skip = self._restart(), self._received
                     continue
                 self._done = True

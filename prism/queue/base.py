@@ -232,9 +232,11 @@ class WorkQueue(abc.ABC):
         """The task's current state, or None when it is unknown or forgotten."""
 
     @abc.abstractmethod
-    def watch(self, task_id: str) -> AsyncIterator[TaskEvent]:
+    def watch(self, task_id: str, *, replay: bool = False) -> AsyncIterator[TaskEvent]:
         """Follows a task: yields its current state first, then each change, and stops after
-        the terminal event. Closing the iterator early (``aclose()``, cancellation, or garbage
+        the terminal event. With `replay`, yields every event the task has had from its start
+        instead of only the current one (a consumer of progress events, e.g. decode tokens,
+        that attaches after the work began misses none; up to 10,000 events are kept). Closing the iterator early (``aclose()``, cancellation, or garbage
         collection after ``break``) detaches the watcher.
 
         The iterator raises UnknownTask on its first step when the task is unknown.

@@ -50,6 +50,7 @@ class _Record:
     seen_terminal: bool = False  # some watcher has been handed the terminal event
     ttl_expired: bool = False
     ttl_handle: asyncio.TimerHandle | None = None
+    history: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10_000))
 
     @property
     def state(self) -> TaskState:
@@ -144,6 +145,7 @@ class InMemoryWorkQueue(WorkQueue):
             seq=self._seq,
             last=TaskEvent(item.task_id, TaskState.QUEUED, {}, self._clock()),
         )
+        rec.history.append(rec.last)
         self._records[item.task_id] = rec
         self._push(rec)
 
@@ -232,12 +234,13 @@ class InMemoryWorkQueue(WorkQueue):
         rec = self._records.get(task_id)
         return rec.state if rec is not None else None
 
-    async def watch(self, task_id: str) -> AsyncIterator[TaskEvent]:
+    async def watch(self, task_id: str, *, replay: bool = False) -> AsyncIterator[TaskEvent]:
         rec = self._records.get(task_id)
         if rec is None:
             raise UnknownTask(f"unknown task {task_id!r}")
         events: asyncio.Queue[TaskEvent] = asyncio.Queue()
-        events.put_nowait(rec.last)
+        for event in (rec.history if replay else (rec.last,)):
+            events.put_nowait(event)
         rec.watchers.add(events)
         try:
             while True:
@@ -342,6 +345,7 @@ class InMemoryWorkQueue(WorkQueue):
     def _set(self, rec: _Record, state: TaskState, detail: dict[str, Any]) -> None:
         event = TaskEvent(rec.item.task_id, state, dict(detail), self._clock())
         rec.last = event
+        rec.history.append(event)
         for events in rec.watchers:
             events.put_nowait(event)
         if state.terminal:

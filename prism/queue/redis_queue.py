@@ -522,17 +522,21 @@ class RedisWorkQueue(WorkQueue):
         value = await self._r.hget(self._k.task(task_id)[0], "state")
         return TaskState(int(value)) if value is not None else None
 
-    async def watch(self, task_id: str) -> AsyncIterator[TaskEvent]:
-        """Yields the task's latest event, then every later one in order (none is skipped, so
-        token-by-token progress events all arrive), and stops after the terminal one. Events
-        older than the latest are not replayed."""
+    async def watch(self, task_id: str, *, replay: bool = False) -> AsyncIterator[TaskEvent]:
+        """Yields the task's latest event (with `replay`: every event from its start), then
+        every later one in order (none is skipped, so token-by-token progress events all
+        arrive), and stops after the terminal one."""
         key = self._k.task(task_id)[1]
         latest = await self._r.xrevrange(key, count=1)
         if not latest:
             raise UnknownTask(f"unknown task {task_id!r}")
-        cursor, fields = latest[0]
-        event = _event(task_id, fields)
-        yield event
+        if replay:
+            cursor = b"0-0"
+            event = TaskEvent(task_id, TaskState.QUEUED, {})
+        else:
+            cursor, fields = latest[0]
+            event = _event(task_id, fields)
+            yield event
         while not event.state.terminal:
             batch = _entries(await self._r.xread({key: cursor}, block=max(self._block_ms, WATCH_BLOCK_MS)))
             if not batch and not await self._r.exists(key):

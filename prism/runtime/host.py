@@ -165,7 +165,7 @@ class WorkerHost:
         if self._heartbeat is not None:
             try:
                 await self._heartbeat.set_draining(True)  # kept across re-registrations
-            except (ConnectionError, OSError) as exc:  # the registry may be unreachable; draining goes on
+            except Exception as exc:  # the registry may be unreachable; draining goes on
                 log.warning("could not mark %s draining: %s", self.name, exc)
         for app in self.apps.values():
             if app.queue is not None:

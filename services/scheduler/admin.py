@@ -82,10 +82,8 @@ class Scaling:
             try:
                 self.step()
                 await self.publish()
-            except (ConnectionError, OSError) as exc:
-                log.warning("autoscale publish failed: %s", exc)
-            except Exception:
-                log.exception("autoscale step failed")
+            except Exception as exc:  # Redis restarting: the next round retries; the loop must live
+                log.warning("autoscale step failed: %s", exc)
             await asyncio.sleep(every_s)
 
 

@@ -43,7 +43,7 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
                            adm.ttft_target_s, adm.tpot_target_s)
 
     pipeline = Pipeline(cluster, placement, admission, inject_trace=lambda: dict(inject_trace_context()),
-                        max_attempts=policy.max_attempts, on_admit=on_admit, on_finish=on_finish)
+                        max_attempts=policy.request_attempts, on_admit=on_admit, on_finish=on_finish)
     servicer = PrismServicer({model.name: model}, model.name, config.limits, pipeline, backend.store,
                              owner=config.server.worker_name, lease_s=config.request_lease_s)
     admin = AdminServicer(cluster, pipeline, scaling)

@@ -61,10 +61,8 @@ class Cluster:
             await asyncio.sleep(self.refresh_s)
             try:
                 await self.refresh()
-            except (ConnectionError, OSError) as exc:  # Redis restarting: keep the last view
+            except Exception as exc:  # Redis restarting: keep the last view, retry next round
                 log.warning("registry refresh failed: %s", exc)
-            except Exception:
-                log.exception("registry refresh failed")
 
     async def refresh(self) -> None:
         registry = self.backend.registry

@@ -24,7 +24,7 @@ class Policy:
     prefill_queue_tokens: int = field(default=0, metadata={"help": "back-pressure: most pending prompt tokens in the prefill stage (0: unbounded)"})
     decode_queue_tokens: int = field(default=0, metadata={"help": "back-pressure: most pending tokens to generate in the decode stage (0: unbounded)"})
     max_inflight: int = field(default=0, metadata={"help": "most requests in flight (0: unbounded)"})
-    max_attempts: int = field(default=3, metadata={"help": "tries per request when workers are lost"})
+    request_attempts: int = field(default=3, metadata={"help": "tries per request when workers are lost"})
     min_replicas: int = field(default=1, metadata={"help": "autoscaling: fewest workers per stage"})
     max_replicas: int = field(default=4, metadata={"help": "autoscaling: most workers per stage"})
     target_utilisation: float = field(default=0.8, metadata={"help": "autoscaling: load per replica as a fraction of its capacity"})
@@ -40,7 +40,7 @@ class Policy:
         check(0 < self.colocate_below <= 1, "colocate_below", "must be in (0, 1]")
         for name in ("encode_queue_tokens", "prefill_queue_tokens", "decode_queue_tokens", "max_inflight"):
             check(getattr(self, name) >= 0, name, "must be >= 0")
-        check(self.max_attempts >= 1, "max_attempts", "must be >= 1")
+        check(self.request_attempts >= 1, "request_attempts", "must be >= 1")
         check(0 <= self.min_replicas <= self.max_replicas, "min_replicas", "must be in [0, max_replicas]")
         check(self.max_replicas >= 1, "max_replicas", "must be >= 1")
         check(0 < self.target_utilisation <= 1, "target_utilisation", "must be in (0, 1]")

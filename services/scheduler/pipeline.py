@@ -128,10 +128,10 @@ class Pipeline:
         progress.tasks[item.task_id] = (stage, instance)
         self.cluster.book.add(item.task_id, stage, instance, cost)
 
-    async def _events(self, task_id: str, progress: Progress) -> AsyncIterator[TaskEvent]:
+    async def _events(self, task_id: str, progress: Progress, *, replay: bool = False) -> AsyncIterator[TaskEvent]:
         stage, instance = progress.tasks[task_id]
         try:
-            async for event in self.cluster.queue(stage, instance).watch(task_id):
+            async for event in self.cluster.queue(stage, instance).watch(task_id, replay=replay):
                 if event.state is TaskState.FAILED or event.state is TaskState.CANCELLED:
                     self.cluster.book.finish(task_id, stage)
                     code = str(event.detail.get("code", "INTERNAL"))
@@ -264,10 +264,12 @@ class Pipeline:
             finish = FINISH_LENGTH
         if not finish:
             index_base = sent  # decode's index 0 is this attempt's first token
-            async for event in self._events(decode_id, progress):
+            async for event in self._events(decode_id, progress, replay=True):
                 new = [int(t) for t in event.detail.get("tokens", ())]
                 index = index_base + int(event.detail.get("index", 0))
                 skip = len(progress.tokens) - index  # tokens of this event already relayed
+                if new and skip < 0:  # a gap: events were lost; go on from what was sent
+                    raise StageError(grpc.StatusCode.UNAVAILABLE, f"decode events of {decode_id} were lost")
                 if skip > 0:
                     new = new[skip:]
                 if new:

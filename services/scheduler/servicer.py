@@ -37,6 +37,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         # Processing (media decoding, image processors, tokenizer) runs off the event loop.
         self._intake = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake")
         self._drivers: dict[str, asyncio.Task] = {}
+        self._active: set[str] = set()  # requests this scheduler is driving now
 
     # ---- intake ------------------------------------------------------------------------
     async def _process(self, request: prism_pb2.GenerateRequest, grpc_deadline: float | None) -> Admitted:
@@ -78,7 +79,9 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         stored.sampling.seed = adm.sampling.seed  # a takeover must sample the same tokens
         record = RequestRecord(request_id=adm.request_id, payload=stored.SerializeToString(),
                                accepted_at=adm.arrival, deadline=adm.deadline, owner=self.owner)
+        self._active.add(adm.request_id)  # before the record exists: never taken over by ourselves
         if not await self.store.accept(record, lease_s=self.lease_s):
+            self._active.discard(adm.request_id)
             async for message in self._replay(await self.store.get(adm.request_id), context):
                 yield message
             return
@@ -87,10 +90,13 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                 yield message
         except StageError as exc:
             await self._abort(context, exc)
+        finally:
+            self._active.discard(adm.request_id)
 
     async def _drive(self, adm: Admitted, progress: Progress) -> AsyncIterator[prism_pb2.GenerateResponse]:
         """Run the pipeline, storing every chunk before it is sent; finish the record."""
         rid = adm.request_id
+        self._active.add(rid)
         await self.store.set_status(rid, "running")
         try:
             async for message in self.pipeline.run(adm, progress):
@@ -107,6 +113,8 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
             # The caller went away: the request ends with it (nobody can receive the rest).
             await asyncio.shield(self.store.finish(rid, "failed", code="CANCELLED", message="caller went away"))
             raise
+        finally:
+            self._active.discard(rid)
 
     async def _replay(self, record: RequestRecord | None,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[prism_pb2.GenerateResponse]:
@@ -167,7 +175,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         taken = 0
         for record in await self.store.unfinished():
             rid = record.request_id
-            if rid in self._drivers or not await self.store.claim(rid, self.owner, self.lease_s):
+            if rid in self._active or rid in self._drivers or not await self.store.claim(rid, self.owner, self.lease_s):
                 continue
             taken += 1
             self._drivers[rid] = asyncio.create_task(self._resume(record))
@@ -206,7 +214,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
             try:
                 await self.store.renew(self.owner, self.lease_s)
                 await self.take_over()
-            except (ConnectionError, OSError) as exc:
+            except Exception as exc:  # Redis restarting: the next round retries; the loop must live
                 log.warning("request leases: %s", exc)
             await asyncio.sleep(every_s)
 

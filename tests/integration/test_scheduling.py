@@ -133,21 +133,20 @@ async def test_admission_refuses_early_what_cannot_meet_its_deadline(tiny_models
 
 
 async def test_back_pressure_when_a_stage_queue_passes_its_bound(tiny_models):
-    policy = Policy(prefill_queue_tokens=1)
+    policy = Policy(decode_queue_tokens=100)
     async with LocalCluster(tiny_models["llava"], [("encode", "prefill", "decode")], policy=policy) as c:
-        first = asyncio.create_task(collect(c.stub, chat("first one", [], 40)))
-        for _ in range(200):
-            if c.parts["cluster"].book.stage_pending("prefill") or c.parts["cluster"].book.stage_pending("decode"):
-                break
-            await asyncio.sleep(0.005)
+        long = chat("first one", [], 400)
+        long.sampling.ignore_eos = True
+        first = c.stub.Generate(long)
+        async for _ in first:  # decoding: its 399 tokens to generate are pending in decode
+            break
         call = c.stub.Generate(chat("second one", [], 4))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in call:
                 pass
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "prefill" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "decode" in err.value.details()
         assert int(dict(await call.trailing_metadata())["retry-after-ms"]) >= 50
-        tokens, _ = await first
-        assert len(tokens) >= 1
+        first.cancel()
 
 
 async def test_admin_lists_requests_and_drains_a_worker(tiny_models, oracle):
