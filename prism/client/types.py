@@ -64,6 +64,8 @@ class TokenChunk:
     finish_reason: str | None = None
     timing: Timing | None = None
     usage: Usage | None = None
+    placement: str | None = None
+    """On the last chunk: ``"split"`` or ``"colocated"``, how the scheduler ran the request."""
 
     @classmethod
     def from_proto(cls, m: prism_pb2.GenerateResponse) -> TokenChunk:
@@ -74,6 +76,7 @@ class TokenChunk:
             finish_reason=finish_reason_name(m.finish_reason),
             timing=Timing.from_proto(m.timing) if m.HasField("timing") else None,
             usage=Usage.from_proto(m.usage) if m.HasField("usage") else None,
+            placement=m.placement.path or None if m.HasField("placement") else None,
         )
 
 
@@ -87,6 +90,7 @@ class Completion:
     finish_reason: str | None
     usage: Usage | None
     timing: Timing | None
+    placement: str | None = None
 
     @classmethod
     def from_proto(cls, m: prism_pb2.GenerateUnaryResponse) -> Completion:
@@ -97,6 +101,7 @@ class Completion:
             finish_reason=finish_reason_name(m.finish_reason),
             usage=Usage.from_proto(m.usage) if m.HasField("usage") else None,
             timing=Timing.from_proto(m.timing) if m.HasField("timing") else None,
+            placement=m.placement.path or None if m.HasField("placement") else None,
         )
 
     @classmethod
@@ -111,6 +116,7 @@ class Completion:
             finish_reason=last.finish_reason if last else None,
             usage=next((c.usage for c in reversed(chunks) if c.usage is not None), None),
             timing=timing,
+            placement=next((c.placement for c in reversed(chunks) if c.placement), None),
         )
 
 

@@ -309,7 +309,8 @@ class Pipeline:
         final = prism_pb2.GenerateResponse(
             request_id=adm.request_id, text=text.flush(), finish_reason=finish, timing=timing,
             usage=prism_pb2.Usage(prompt_tokens=len(adm.prompt.input_ids), image_tokens=adm.image_tokens,
-                                  audio_tokens=adm.audio_tokens, generated_tokens=n))
+                                  audio_tokens=adm.audio_tokens, generated_tokens=n),
+            placement=prism_pb2.Placement(path=progress.placement, attempts=progress.attempt))
         if self.on_finish is not None:
             self.on_finish(adm, progress, final)
         return final

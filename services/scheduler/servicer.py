@@ -150,6 +150,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                 out.finish_reason = message.finish_reason
                 out.timing.CopyFrom(message.timing)
                 out.usage.CopyFrom(message.usage)
+                out.placement.CopyFrom(message.placement)
         out.text = "".join(texts)
         return out
 

@@ -67,7 +67,7 @@ async def test_encoder_batches_images_of_several_requests(tiny_models, oracle):
         blocker = asyncio.create_task(host.ctx.compute.run(release.wait, 30))  # the tower is busy
         tasks = [asyncio.create_task(collect(c.stub, chat(f"img {i}", [png_bytes(20 + i)], 3))) for i in range(5)]
         queue = c.parts["cluster"].queue("encode", name)
-        for _ in range(500):  # until the worker holds one task and four wait behind it
+        for _ in range(6000):  # until the worker holds one task and four wait behind it
             if await queue.depth() >= 4:
                 break
             await asyncio.sleep(0.01)
@@ -100,8 +100,9 @@ async def test_images_of_one_request_are_encoded_on_two_encoders(tiny_models, or
 async def test_adaptive_placement_takes_colocated_path_when_idle_and_reports_it(tiny_models, oracle):
     layout = [("encode", "prefill", "decode"), ("encode",), ("prefill",), ("decode",)]
     async with LocalCluster(tiny_models["llava"], layout, placement="adaptive") as c:
-        tokens, _ = await collect(c.stub, chat("alone", [png_bytes(5)], 4))
+        tokens, last = await collect(c.stub, chat("alone", [png_bytes(5)], 4))
         assert tokens == oracle.chat("alone", [random_image(5)], 4)
+        assert last.placement.path == "colocated" and last.placement.attempts == 1
         assert c.parts["pipeline"].placements == {"split": 0, "colocated": 1}
         status = await c.status()
         assert dict(status.placements) == {"split": 0, "colocated": 1}
