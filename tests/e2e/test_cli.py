@@ -43,17 +43,21 @@ def test_prism_up_serves_and_stops_everything_on_ctrl_c(tiny_models, tmp_path):
             if m := re.match(r"serving on (\S+);", line):
                 address = m.group(1)
         assert address, "".join(lines)
-        assert {"encoder", "prefill", "decode", "scheduler"} <= {ln.split()[0] for ln in lines if ln.startswith("  ")}
+        assert {"redis", "encode-1", "prefill-1", "decode-1", "scheduler"} <= {
+            ln.split()[0] for ln in lines if ln.startswith("  ")}
         with PrismClient(address) as client:
             done = client.complete(prompt="hello", max_new_tokens=4, ignore_eos=True)
         assert len(done.token_ids) == 4
         children = subprocess.run(["pgrep", "-f", "--", f"--model-dir {tiny_models['llava']}"], capture_output=True,
                                   text=True).stdout.split()
-        assert len(children) >= 4
+        redis_url = next(ln.split()[1] for ln in lines if ln.startswith("  redis "))
+        host_port = redis_url.split("//")[1].split("/")[0]  # redis-server shows "redis-server host:port"
+        redis = subprocess.run(["pgrep", "-f", f"redis-server {host_port}"], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 4 and len(redis) == 1
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         time.sleep(0.5)
-        assert not [p for p in map(int, children) if _alive(p)], "services left running"
+        assert not [p for p in map(int, children + redis) if _alive(p)], "processes left running"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -59,7 +59,8 @@ def test_parses_azure_rows_exactly(tmp_path):
     assert [r.context_tokens for r in reqs] == [374, 396, 879, 91, 1200]
     assert [r.generated_tokens for r in reqs] == [44, 109, 55, 16, 7]
     # seven fractional digits, relative to the first request
-    assert [r.arrival_s for r in reqs] == pytest.approx([0.0, 4.314579, 4.541877, 4.710427, 60.31941], abs=1e-6)
+    want = [0.0, 4.314579, 4.541877, 4.710427, 60.31941]
+    assert [r.arrival_s for r in reqs] == pytest.approx(want, abs=1e-6)
     assert all(isinstance(r, TraceRequest) and r.num_images >= 0 for r in reqs)
 
 
@@ -80,7 +81,8 @@ def test_num_images_taken_as_is(tmp_path):
         reqs = load_trace(path, seed=seed)
         assert [r.num_images for r in reqs] == [0, 3, 16, 1]
         assert [r.arrival_s for r in reqs] == [0.0, 0.5, 1.25, 2.0]
-        assert [(r.context_tokens, r.generated_tokens) for r in reqs] == [(100, 10), (200, 20), (300, 30), (400, 40)]
+        tokens = [(r.context_tokens, r.generated_tokens) for r in reqs]
+        assert tokens == [(100, 10), (200, 20), (300, 30), (400, 40)]
 
 
 def test_rows_sorted_by_time_and_blank_lines_skipped(tmp_path):
