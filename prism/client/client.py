@@ -79,6 +79,41 @@ class _Base:
         }
 
 
+class _Resume:
+    """How a stream resumes after UNAVAILABLE (a scheduler restart): the same request is sent
+    again (same request_id), the server replays the chunks it stored, and those the caller
+    already has are skipped. Shared by the sync and asyncio streams."""
+
+    def __init__(self, restart, max_resumes: int, delay_s: float):
+        self._restart = restart
+        self._left = max_resumes
+        self._delay = delay_s
+        self._received = 0  # chunks handed to the caller
+        self._skip = 0  # replayed chunks still to skip after a resume
+
+    def delay_for(self, err: grpc.RpcError) -> float | None:
+        """Seconds to wait before resuming after `err`, or None when it cannot be resumed."""
+        if (err.code() != grpc.StatusCode.UNAVAILABLE or self._restart is None or self._left <= 0
+                or not self._received):  # refused before any chunk: the caller decides
+            return None
+        self._left -= 1
+        delay, self._delay = self._delay, min(self._delay * 2, 8.0)
+        return delay
+
+    def restart(self):
+        self._skip = self._received
+        return self._restart()
+
+    def deliver(self, msg) -> bool:
+        """False for a replayed chunk the caller already has."""
+        if self._skip > 0 and not msg.finish_reason:
+            self._skip -= 1
+            return False
+        self._skip = 0
+        self._received += 1
+        return True
+
+
 class TokenStream(Iterator[TokenChunk]):
     """Iterator over a sync ``Generate`` call. ``cancel()`` ends it (quietly) and cancels the
     call on the server; use it as a context manager to cancel an unfinished stream on exit.
@@ -89,11 +124,7 @@ class TokenStream(Iterator[TokenChunk]):
 
     def __init__(self, call, restart=None, max_resumes: int = 6, resume_delay_s: float = 0.25):
         self._call = call
-        self._restart = restart
-        self._resumes_left = max_resumes
-        self._delay = resume_delay_s
-        self._received = 0  # chunks handed to the caller
-        self._skip = 0  # replayed chunks still to skip after a resume
+        self._resume = _Resume(restart, max_resumes, resume_delay_s)
         self._cancelled = False
         self._done = False
 
@@ -113,20 +144,15 @@ class TokenStream(Iterator[TokenChunk]):
                 if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
                     self._done = True
                     raise StopIteration from None
-                if e.code() == grpc.StatusCode.UNAVAILABLE and self._restart is not None and self._resumes_left > 0:
-                    self._resumes_left -= 1
-                    time.sleep(self._delay)
-                    self._delay = min(self._delay * 2, 8.0)
-                    self._call, self._skip = self._restart(), self._received
+                delay = self._resume.delay_for(e)
+                if delay is not None:
+                    time.sleep(delay)
+                    self._call = self._resume.restart()
                     continue
                 self._done = True
                 raise from_rpc_error(e) from None
-            if self._skip > 0 and not msg.finish_reason:
-                self._skip -= 1
-                continue
-            self._skip = 0
-            self._received += 1
-            return TokenChunk.from_proto(msg)
+            if self._resume.deliver(msg):
+                return TokenChunk.from_proto(msg)
 
     def cancel(self) -> None:
         """Stop the stream; the server's handler is cancelled."""
@@ -153,11 +179,7 @@ class AsyncTokenStream:
 
     def __init__(self, call, restart=None, max_resumes: int = 6, resume_delay_s: float = 0.25):
         self._call = call
-        self._restart = restart
-        self._resumes_left = max_resumes
-        self._delay = resume_delay_s
-        self._received = 0
-        self._skip = 0
+        self._resume = _Resume(restart, max_resumes, resume_delay_s)
         self._cancelled = False
         self._done = False
 
@@ -179,23 +201,18 @@ class AsyncTokenStream:
                 if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
                     self._done = True
                     raise StopAsyncIteration from None
-                if e.code() == grpc.StatusCode.UNAVAILABLE and self._restart is not None and self._resumes_left > 0:
-                    self._resumes_left -= 1
-                    await asyncio.sleep(self._delay)
-                    self._delay = min(self._delay * 2, 8.0)
-                    self._call, self._skip = self._restart(), self._received
+                delay = self._resume.delay_for(e)
+                if delay is not None:
+                    await asyncio.sleep(delay)
+                    self._call = self._resume.restart()
                     continue
                 self._done = True
                 raise from_rpc_error(e) from None
             if msg is grpc.aio.EOF:
                 self._done = True
                 raise StopAsyncIteration
-            if self._skip > 0 and not msg.finish_reason:
-                self._skip -= 1
-                continue
-            self._skip = 0
-            self._received += 1
-            return TokenChunk.from_proto(msg)
+            if self._resume.deliver(msg):
+                return TokenChunk.from_proto(msg)
 
     def cancel(self) -> None:
         if not self._done:

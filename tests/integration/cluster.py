@@ -15,11 +15,29 @@ from prism.runtime.backend import Backend, QueueOptions
 from prism.runtime.host import StageSpec, WorkerHost
 from prism.runtime.server import ServerConfig
 from prism.runtime.stagework import RunningStage, start_stage
-from prism.v1 import admin_pb2, admin_pb2_grpc, prism_pb2_grpc
+from prism.v1 import admin_pb2, admin_pb2_grpc, common_pb2, prism_pb2, prism_pb2_grpc
 from services.scheduler.app import build as build_scheduler
 from services.scheduler.config import Policy, SchedulerConfig
 from services.worker.__main__ import specs as worker_specs
 from services.worker.config import WorkerConfig
+
+
+def chat(text: str, images: list[bytes] = (), max_new_tokens: int = 6, **kw) -> prism_pb2.GenerateRequest:
+    """A chat request: the images (encoded bytes) then the text, in one user message."""
+    content = [prism_pb2.ContentPart(media=prism_pb2.MediaPart(image=prism_pb2.Image(data=b))) for b in images]
+    content.append(prism_pb2.ContentPart(text=text))
+    return prism_pb2.GenerateRequest(
+        chat=prism_pb2.Chat(messages=[prism_pb2.ChatMessage(role="user", content=content)]),
+        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens), **kw)
+
+
+async def collect(stub, request) -> tuple[list[int], prism_pb2.GenerateResponse]:
+    """All tokens of a Generate stream, and its last message."""
+    tokens, last = [], None
+    async for message in stub.Generate(request):
+        tokens.extend(message.token_ids)
+        last = message
+    return tokens, last
 
 
 def server(name: str = "") -> ServerConfig:

@@ -8,6 +8,8 @@ Fake behaviour, chosen by the prompt (or the first text part of a chat):
 * "busy"        -> RESOURCE_EXHAUSTED with trailing metadata retry-after-ms=1500
 * "unavailable" -> UNAVAILABLE
 * "fail-late"   -> two tokens, then INTERNAL
+* "flaky"       -> on a request id's first call two tokens, then UNAVAILABLE (a scheduler
+                   restart); on the next, the whole stream (the stored chunks replayed)
 * "forever"     -> a token every 20 ms until cancelled (records the cancellation)
 * model "missing" -> NOT_FOUND
 * anything else -> three tokens "a", "b", "c" (finish LENGTH); usage.image_tokens / audio_tokens
@@ -63,6 +65,7 @@ class FakePrism(prism_pb2_grpc.PrismServiceServicer):
         self.metadata: list[dict] = []
         self.cancelled = threading.Event()
         self.streaming = threading.Event()
+        self.calls: dict[str, int] = {}
 
     async def _check(self, req, context):
         self.requests.append(req)
@@ -108,6 +111,10 @@ class FakePrism(prism_pb2_grpc.PrismServiceServicer):
         yield prism_pb2.GenerateResponse(request_id=rid, token_ids=[2], text="b")
         if text == "fail-late":
             await context.abort(grpc.StatusCode.INTERNAL, "decode worker died")
+        if text == "flaky":
+            self.calls[rid] = self.calls.get(rid, 0) + 1
+            if self.calls[rid] == 1:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler restarting")
         yield prism_pb2.GenerateResponse(
             request_id=rid,
             token_ids=[3],
@@ -377,3 +384,20 @@ async def test_async_cancel_by_task_cancellation(server):
         while not server.cancelled.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         assert server.cancelled.is_set()
+
+
+def test_stream_broken_mid_way_resumes_with_each_token_once(server):
+    fake = server
+    with PrismClient(fake.target) as client:
+        chunks = list(client.generate("flaky", max_new_tokens=3))
+    assert [t for c in chunks for t in c.token_ids] == [1, 2, 3]
+    assert chunks[-1].finish_reason == "length"
+    rids = {r.request_id for r in fake.requests if _text(r) == "flaky"}
+    assert len(rids) == 1 and fake.calls[rids.pop()] == 2  # the same request id, sent twice
+
+
+async def test_async_stream_broken_mid_way_resumes_with_each_token_once(server):
+    fake = server
+    async with AsyncPrismClient(fake.target) as client:
+        tokens = [t async for c in client.generate("flaky", request_id="resume-me") for t in c.token_ids]
+    assert tokens == [1, 2, 3] and fake.calls["resume-me"] == 2

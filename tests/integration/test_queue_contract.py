@@ -21,17 +21,7 @@ from prism.queue import (
 from prism.queue.redis_queue import RedisWorkQueue, connect
 
 
-def item(task_id: str, priority: int = 0, deadline: int = 0, **kw) -> WorkItem:
-    return WorkItem(task_id=task_id, payload=task_id.encode(), priority=priority,
-                    deadline_unix_ms=deadline, **kw)
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.queueing import FakeClock, item  # noqa: E402
 
 
 @pytest.fixture
@@ -411,6 +401,23 @@ async def test_watch_late_joiner_gets_latest_first(q) -> None:
     await q.set_state("a", TaskState.FAILED, code="INTERNAL", message="x")
     last = await anext(w)
     assert last.state is TaskState.FAILED and last.detail == {"code": "INTERNAL", "message": "x"}
+    with pytest.raises(StopAsyncIteration):
+        await anext(w)
+
+
+async def test_watch_with_replay_yields_every_event_from_the_start(q) -> None:
+    await q.put(item("a"))
+    await q.get()
+    await q.set_state("a", TaskState.TRANSFERRING)
+    for n in range(50):
+        await q.set_state("a", TaskState.RUNNING, tokens=[n], index=n)
+    w = q.watch("a", replay=True)
+    seen = [await anext(w) for _ in range(52)]
+    assert [e.state for e in seen[:2]] == [TaskState.QUEUED, TaskState.TRANSFERRING]
+    assert [e.detail["index"] for e in seen[2:]] == list(range(50))
+    await q.set_state("a", TaskState.DONE, tokens=[50], index=50)
+    last = await anext(w)
+    assert last.state is TaskState.DONE and last.detail["index"] == 50
     with pytest.raises(StopAsyncIteration):
         await anext(w)
 

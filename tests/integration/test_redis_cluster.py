@@ -11,8 +11,7 @@ import redis.asyncio as aioredis
 
 from prism.queue.base import TaskState
 from tests.conftest import png_bytes, random_image
-from tests.integration.cluster import LocalCluster
-from tests.integration.test_scheduling import chat, collect
+from tests.integration.cluster import LocalCluster, chat, collect
 from tests.oracle import Oracle
 
 

@@ -8,27 +8,11 @@ import asyncio
 import grpc
 import pytest
 
-from prism.v1 import admin_pb2, common_pb2, prism_pb2
+from prism.v1 import admin_pb2, common_pb2
 from services.scheduler.config import Policy
 from tests.conftest import png_bytes, random_image
-from tests.integration.cluster import LocalCluster
+from tests.integration.cluster import LocalCluster, chat, collect
 from tests.oracle import Oracle
-
-
-def chat(text: str, images: list[bytes] = (), max_new_tokens: int = 6, **kw) -> prism_pb2.GenerateRequest:
-    content = [prism_pb2.ContentPart(media=prism_pb2.MediaPart(image=prism_pb2.Image(data=b))) for b in images]
-    content.append(prism_pb2.ContentPart(text=text))
-    return prism_pb2.GenerateRequest(
-        chat=prism_pb2.Chat(messages=[prism_pb2.ChatMessage(role="user", content=content)]),
-        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens), **kw)
-
-
-async def collect(stub, request) -> tuple[list[int], prism_pb2.GenerateResponse]:
-    tokens, last = [], None
-    async for message in stub.Generate(request):
-        tokens.extend(message.token_ids)
-        last = message
-    return tokens, last
 
 
 @pytest.fixture(scope="module")

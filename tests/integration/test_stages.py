@@ -8,9 +8,9 @@ import asyncio
 import grpc
 import pytest
 
-from prism.v1 import common_pb2, prism_pb2, prism_pb2_grpc, stages_pb2, stages_pb2_grpc
+from prism.v1 import common_pb2, prism_pb2_grpc, stages_pb2, stages_pb2_grpc
 from tests.conftest import png_bytes, random_image
-from tests.integration.cluster import LocalCluster
+from tests.integration.cluster import LocalCluster, chat, collect
 from tests.oracle import Oracle
 
 SLOTS = 2
@@ -30,25 +30,9 @@ def parts(host, stage: str) -> dict:
     return host.apps[stage].parts
 
 
-def chat(text: str, images: list[bytes] = (), max_new_tokens: int = 8, ignore_eos: bool = False) -> prism_pb2.GenerateRequest:
-    content = [prism_pb2.ContentPart(media=prism_pb2.MediaPart(image=prism_pb2.Image(data=b))) for b in images]
-    content.append(prism_pb2.ContentPart(text=text))
-    return prism_pb2.GenerateRequest(
-        chat=prism_pb2.Chat(messages=[prism_pb2.ChatMessage(role="user", content=content)]),
-        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos))
-
-
 @pytest.fixture(scope="module")
 def oracle(tiny_models) -> Oracle:
     return Oracle(tiny_models["llava"])
-
-
-async def collect(stub, request) -> tuple[list[int], prism_pb2.GenerateResponse]:
-    tokens, last = [], None
-    async for message in stub.Generate(request):
-        tokens.extend(message.token_ids)
-        last = message
-    return tokens, last
 
 
 async def wait_until(predicate, timeout: float = 5.0) -> bool:
