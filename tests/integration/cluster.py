@@ -22,13 +22,14 @@ from services.worker.__main__ import specs as worker_specs
 from services.worker.config import WorkerConfig
 
 
-def chat(text: str, images: list[bytes] = (), max_new_tokens: int = 6, **kw) -> prism_pb2.GenerateRequest:
+def chat(text: str, images: list[bytes] = (), max_new_tokens: int = 6, ignore_eos: bool = False,
+         **kw) -> prism_pb2.GenerateRequest:
     """A chat request: the images (encoded bytes) then the text, in one user message."""
     content = [prism_pb2.ContentPart(media=prism_pb2.MediaPart(image=prism_pb2.Image(data=b))) for b in images]
     content.append(prism_pb2.ContentPart(text=text))
     return prism_pb2.GenerateRequest(
         chat=prism_pb2.Chat(messages=[prism_pb2.ChatMessage(role="user", content=content)]),
-        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens), **kw)
+        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos), **kw)
 
 
 async def collect(stub, request) -> tuple[list[int], prism_pb2.GenerateResponse]:
