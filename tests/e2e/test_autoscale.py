@@ -55,6 +55,11 @@ def test_burst_scales_decode_out_then_in_within_bounds(tiny_models, tmp_path):
             if max(seen) == 2 and wave > 1 and seen[-1] == 2:
                 break
         assert max(seen) == 2, "no scale-out"
+        import redis
+
+        exported = redis.Redis.from_url(d.redis_url).hgetall("prism:autoscale")  # for Kubernetes autoscalers
+        assert {b"decode.desired", b"decode.actual", b"decode.load_tokens_per_s"} <= set(exported)
+        assert 1 <= int(exported[b"decode.desired"]) <= 2
         status = d.status()
         decode = next(s for s in status.stages if s.stage == "decode")
         assert decode.min_replicas == 1 and decode.max_replicas == 2
