@@ -4,7 +4,6 @@ request-lease loops running beside them."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 

@@ -86,7 +86,8 @@ class Cluster:
     def _instance(self, w: Any) -> Instance:
         cap = {}
         for stage in w.stages:
-            cap[stage] = w.capacity.get(stage) or self.profiled(w.name, stage) or self.default_capacity[stage]
+            cap[stage] = (w.capacity.get(stage) or self.profiled(w.name, stage) or self.stage_profile(stage)
+                          or self.default_capacity[stage])
         return Instance(name=w.name, address=w.address, stages=frozenset(w.stages), capacity=cap,
                         decode_slots=w.decode_slots if "decode" in w.stages else 0, draining=w.draining)
 
@@ -118,6 +119,12 @@ class Cluster:
     def profiled(self, instance: str, stage: str) -> float:
         samples = self._profiles.get((instance, stage))
         return capacity_from_profile(list(samples)) if samples else 0.0
+
+    def stage_profile(self, stage: str) -> float:
+        """Tokens/s of a stage measured on any instance (same model, likely the same kind of
+        device): what an instance not profiled yet is assumed to do, before the default."""
+        samples = [x for (_, st), xs in self._profiles.items() if st == stage for x in xs]
+        return capacity_from_profile(samples) if samples else 0.0
 
     # ---- queues ------------------------------------------------------------------------
     def queue(self, stage: str, instance: str) -> WorkQueue:

@@ -264,7 +264,9 @@ class Pipeline:
             finish = FINISH_LENGTH
         if not finish:
             index_base = sent  # decode's index 0 is this attempt's first token
+            decode_started, decoded = time.perf_counter(), 0
             async for event in self._events(decode_id, progress, replay=True):
+                decoded += len(event.detail.get("tokens", ()))
                 new = [int(t) for t in event.detail.get("tokens", ())]
                 index = index_base + int(event.detail.get("index", 0))
                 skip = len(progress.tokens) - index  # tokens of this event already relayed
@@ -282,6 +284,9 @@ class Pipeline:
                     break
             if not finish:
                 raise StageError(grpc.StatusCode.INTERNAL, "decode ended without a finish reason")
+            # Decode throughput of that instance at its current batch (tokens of all its slots).
+            batch = max(1, self.cluster.book.slots_used(decode_inst.name) + 1)
+            self.cluster.record(decode_inst.name, "decode", decoded * batch, time.perf_counter() - decode_started)
         self.placements[progress.placement] = self.placements.get(progress.placement, 0) + 1
         yield self._final(adm, progress, text, finish)
 
