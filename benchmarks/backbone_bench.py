@@ -537,7 +537,7 @@ async def run_all(args, mono: Monolith, endpoints: dict[str, str], pids: dict[st
     if "kv" in args.parts:
         say("2/3 KV transfer vs prefill")
         with Profiler(args.py_spy, pids, "kv"):
-            report["kv_transfer"] = await kv_transfer(mono, endpoints["prefill"], args.kv_runs, args.kv_tokens)
+            report["kv_transfer"] = await kv_transfer(mono, next(a for n, a in endpoints.items() if n.startswith("prefill")), args.kv_runs, args.kv_tokens)
     if "decode" in args.parts:
         say("3/3 decode throughput")
         with Profiler(args.py_spy, pids, "decode"):

@@ -90,6 +90,11 @@ class DecodeEngine:
     def num_active(self) -> int:
         return len(self._active)
 
+    def active_ids(self) -> list[str]:
+        """Requests in the running batch."""
+        with self._lock:
+            return list(self._active)
+
     def reserve(self, request_id: str, prompt_tokens: int) -> int:
         """Reserve a slot for a request whose KV is about to be imported."""
         if prompt_tokens < 1 or prompt_tokens + 1 > self.max_len:

@@ -59,6 +59,7 @@ class DecodeWorker:
         self._slot_freed = asyncio.Event()
         self._work = asyncio.Event()
         self._stopping = False
+        self._outbox: asyncio.Queue[TokenEvent | None] = asyncio.Queue()  # token events to publish
 
     # ---- the servicer's side -----------------------------------------------------------
     def open(self, request_id: str) -> asyncio.Queue:
@@ -90,6 +91,7 @@ class DecodeWorker:
     async def run(self) -> None:
         """Serve the queue until it is closed and the batch has drained."""
         stepper = asyncio.create_task(self._step_loop())
+        publisher = asyncio.create_task(self._publisher())
         try:
             while True:
                 while self.engine.free_slots - len(self._awaiting) <= 0:
@@ -106,6 +108,8 @@ class DecodeWorker:
             self._stopping = True
             self._work.set()
             await stepper
+            self._outbox.put_nowait(None)
+            await publisher
 
     async def _import(self, item: WorkItem) -> None:
         rid = item.task_id
@@ -147,7 +151,7 @@ class DecodeWorker:
             self._generated[rid] = 1
             if done is not None:
                 self._emit(rid, done)
-                await self._publish(done)
+                self._outbox.put_nowait(done)
             else:
                 await self.queue.set_state(rid, TaskState.RUNNING, worker=self.name)
                 self._work.set()
@@ -206,21 +210,20 @@ class DecodeWorker:
         finally:
             await prefill.fetched(kv_id)
 
-    async def _publish(self, event: TokenEvent) -> bool:
-        """Token events ride on the task's state: RUNNING with ``tokens`` and their ``index``
-        in the output (the first token, from prefill, is index 0), DONE with the finish reason."""
-        rid = event.request_id
+    async def _publish(self, events: list[TokenEvent]) -> bool:
+        """Token events of one request ride on its task's state: RUNNING with ``tokens`` and
+        the ``index`` of the first in the output (the first token, from prefill, is index 0),
+        DONE with the finish reason. Returns False when the task ended elsewhere."""
+        rid = events[0].request_id
         index = self._generated.get(rid, 1)
-        tokens = [] if event.token is None else [int(event.token)]
+        tokens = [int(e.token) for e in events if e.token is not None]
+        finish = events[-1].finish
         self._generated[rid] = index + len(tokens)
-        if event.finish is not None:
-            self._generated.pop(rid, None)
-            try:
-                return await self.queue.set_state(rid, TaskState.DONE, tokens=tokens, index=index,
-                                                  finish=int(FINISH_TO_PROTO[event.finish]), worker=self.name)
-            except UnknownTask:
-                return False
         try:
+            if finish is not None:
+                self._generated.pop(rid, None)
+                return await self.queue.set_state(rid, TaskState.DONE, tokens=tokens, index=index,
+                                                  finish=int(FINISH_TO_PROTO[finish]), worker=self.name)
             live = not tokens or await self.queue.set_state(rid, TaskState.RUNNING, tokens=tokens, index=index)
         except UnknownTask:  # the task record is gone (expired or the queue was wiped)
             live = False
@@ -229,8 +232,23 @@ class DecodeWorker:
             self._generated.pop(rid, None)
             self._cancelled.add(rid)
             self._work.set()
-            return False
-        return True
+        return live
+
+    async def _publisher(self) -> None:
+        """Publishes token events off the step loop, so a step never waits for the queue: the
+        events of one request in order (merged when several are waiting), requests in parallel."""
+        while True:
+            batch = [await self._outbox.get()]
+            while not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            stop = batch[-1] is None
+            by_request: dict[str, list[TokenEvent]] = {}
+            for event in batch:
+                if event is not None:
+                    by_request.setdefault(event.request_id, []).append(event)
+            await asyncio.gather(*(self._publish(events) for events in by_request.values()))
+            if stop:
+                return
 
     # ---- the batch ---------------------------------------------------------------------
     async def _step_loop(self) -> None:
@@ -250,7 +268,7 @@ class DecodeWorker:
                 events = await self.compute.run(self.engine.step)
             except Exception as exc:
                 log.exception("decode step failed")
-                for rid in list(self.outputs):
+                for rid in self.engine.active_ids():
                     if await self.compute.run(self.engine.release, rid):
                         self._emit(rid, Failure("INTERNAL", f"decode step failed: {exc}"))
                         await self.queue.set_state(rid, TaskState.FAILED, code="INTERNAL", message=str(exc))
@@ -259,6 +277,6 @@ class DecodeWorker:
             self.batch_sizes.append(len(events))
             for event in events:
                 self._emit(event.request_id, event)
+                self._outbox.put_nowait(event)
                 if event.finish is not None:
                     self._slot_freed.set()
-            await asyncio.gather(*(self._publish(e) for e in events))
