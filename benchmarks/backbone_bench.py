@@ -46,7 +46,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODEL_DIR = ROOT / ".bench" / "models" / "llava-small"
 PROMPT = "Describe the picture in detail."
 LATENCY_TARGET = 1.15
 
@@ -65,63 +64,7 @@ def ensure_malloc_tunables() -> None:
     os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], env)
 
 
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_busy(seconds: float = 0.5) -> float:
-    """Busy fraction of all CPUs over `seconds` (from /proc/stat)."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-
-    (t0, i0), _ = sample(), time.sleep(seconds)
-    t1, i1 = sample()
-    return 1.0 - (i1 - i0) / max(1, t1 - t0)
-
-
-class QuietGate:
-    """Before each measured run, wait (up to `max_wait_s`) until the machine is idle: this is a
-    shared 2-core box, and a foreign process running torch turns our OpenMP threads' spinning
-    into a 4-5x slowdown. Our own services are idle between runs, so busy CPU is someone else's."""
-
-    def __init__(self, threshold: float, max_wait_s: float):
-        self.threshold, self.max_wait_s = threshold, max_wait_s
-        self.waited_s, self.noisy_runs, self.runs = 0.0, 0, 0
-
-    async def wait(self) -> None:
-        if self.max_wait_s <= 0:
-            return
-        self.runs += 1
-        started = time.perf_counter()
-        while (busy := cpu_busy()) > self.threshold:
-            if time.perf_counter() - started > self.max_wait_s:
-                self.noisy_runs += 1
-                say(f"machine still {busy:.0%} busy after {self.max_wait_s:.0f} s; measuring anyway")
-                break
-            await asyncio.sleep(1.0)
-        self.waited_s += time.perf_counter() - started
-
-    def summary(self) -> dict:
-        return {"threshold": self.threshold, "runs_gated": self.runs, "runs_under_foreign_load": self.noisy_runs,
-                "waited_s": round(self.waited_s, 1)}
-
-
-GATE = QuietGate(0.15, 0)
-
-
-def med(xs) -> float | None:
-    return round(statistics.median(xs), 2) if xs else None
-
-
-def ensure_model(model_dir: Path) -> Path:
-    if not (model_dir / "config.json").is_file():
-        from prism.models.builder import make_model
-
-        say(f"building the small LLaVA into {model_dir}")
-        make_model("llava", "small", model_dir)
-    return model_dir
+from benchmarks.common import GATE, SMALL_MODEL_DIR, ensure_model, med, say  # noqa: E402
 
 
 def test_image() -> bytes:
@@ -229,11 +172,11 @@ async def single_request(mono: Monolith, address: str, runs: int, new_tokens: in
     async with channel(address) as ch:
         stub = prism_pb2_grpc.PrismServiceStub(ch)
         for i in range(runs + 1):  # run 0 warms both up
-            await GATE.wait()
+            await GATE.wait_async()
             mono_tokens, dt = mono.generate(png, PROMPT, new_tokens)
-            await GATE.wait()
+            await GATE.wait_async()
             _, ttft = mono.generate(png, PROMPT, 1)
-            await GATE.wait()
+            await GATE.wait_async()
             run = await generate(stub, request)
             tag = "warm-up" if i == 0 else f"run {i}/{runs}"
             say(f"single request {tag}: monolith {dt * 1000:.0f} ms (ttft {ttft * 1000:.0f}), "
@@ -378,7 +321,7 @@ async def kv_transfer(mono: Monolith, prefill_address: str, runs: int, tokens: i
         stub = stages_pb2_grpc.PrefillServiceStub(ch)
         for i in range(runs + 1):  # run 0 warms up
             for mode in modes:  # prompt pass first, then the pure transfer
-                await GATE.wait()
+                await GATE.wait_async()
                 rid, ev, wall, _ = await client.prefill(stub, ids)
                 nbytes, secs, _ = await client.fetch(ch, rid, mode)
                 if check is None:  # the KV that landed is the model's
@@ -397,7 +340,7 @@ async def kv_transfer(mono: Monolith, prefill_address: str, runs: int, tokens: i
                 def start(rid: str, mode=mode) -> None:
                     tasks.setdefault("fetch", asyncio.ensure_future(client.fetch(ch, rid, mode)))
 
-                await GATE.wait()
+                await GATE.wait_async()
                 sent = time.perf_counter()
                 rid, ev, wall, ready_at = await client.prefill(stub, ids, on_running=start)
                 nbytes, secs, done_at = await tasks["fetch"]
@@ -488,7 +431,7 @@ async def decode_throughput(mono: Monolith, address: str, batches: list[int], ne
         stub = prism_pb2_grpc.PrismServiceStub(ch)
         await generate(stub, text_request(prompts[0], 4))  # warm the text-only path
         for b in batches:
-            await GATE.wait()
+            await GATE.wait_async()
             runs = await asyncio.gather(*(generate(stub, text_request(prompts[j], new_tokens)) for j in range(b)))
             out[f"batch_{b}"] = stats = decode_stats(list(runs), new_tokens)
             say(f"decode batch {b}: {stats.get('decode_tokens_per_s')} tok/s in the decode window, "
@@ -549,7 +492,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: fewer runs and tokens")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
-    p.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    p.add_argument("--model-dir", type=Path, default=SMALL_MODEL_DIR)
     p.add_argument("--threads", type=int, default=2, help="torch threads: monolith and each stage")
     p.add_argument("--runs", type=int, default=5, help="single-request runs (after a warm-up)")
     p.add_argument("--new-tokens", type=int, default=32, help="forced output length, single request")

@@ -28,7 +28,8 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
     backend = backend or Backend(config.queue)
     policy = config.policy
     cluster = Cluster(backend, model.name, default_capacity=policy.capacity)
-    placement = Placement(policy.placement, colocate_below=policy.colocate_below)
+    placement = Placement(policy.placement, colocate_below=policy.colocate_below,
+                          stall_budget_s=policy.colocate_stall_ms / 1000)
     admission = Admission(Limits(queue_tokens=policy.queue_tokens, max_inflight=policy.max_inflight), placement)
     scaling = Scaling(cluster, policy)
 

@@ -20,6 +20,8 @@ class Policy:
         "help": "adaptive (colocated path at low load, split under bursts), split, or colocated"})
     colocate_below: float = field(default=0.5, metadata={
         "help": "adaptive: take the colocated path while that worker's utilisation is below this"})
+    colocate_stall_ms: float = field(default=100.0, metadata={
+        "help": "adaptive: not the colocated path when its prompt pass would stall that worker's running decodes longer than this"})
     encode_queue_tokens: int = field(default=0, metadata={"help": "back-pressure: most pending media tokens in the encode stage (0: unbounded)"})
     prefill_queue_tokens: int = field(default=0, metadata={"help": "back-pressure: most pending prompt tokens in the prefill stage (0: unbounded)"})
     decode_queue_tokens: int = field(default=0, metadata={"help": "back-pressure: most pending tokens to generate in the decode stage (0: unbounded)"})
@@ -38,6 +40,7 @@ class Policy:
     def __post_init__(self) -> None:
         check(self.placement in PLACEMENTS, "placement", f"must be one of {', '.join(PLACEMENTS)}")
         check(0 < self.colocate_below <= 1, "colocate_below", "must be in (0, 1]")
+        check(self.colocate_stall_ms >= 0, "colocate_stall_ms", "must be >= 0")
         for name in ("encode_queue_tokens", "prefill_queue_tokens", "decode_queue_tokens", "max_inflight"):
             check(getattr(self, name) >= 0, name, "must be >= 0")
         check(self.request_attempts >= 1, "request_attempts", "must be >= 1")

@@ -346,7 +346,7 @@ DEDICATED = [enc("e0"), enc("e1"), pre("p0"), pre("p1"), dec("d0"), dec("d1")]
 
 
 def test_adaptive_colocates_under_low_load_and_splits_under_high_load():
-    place = Placement("adaptive", colocate_below=0.5)
+    place = Placement("adaptive", colocate_below=0.5, stall_budget_s=None)  # the utilisation rule alone
     book = LoadBook()
     r = req(image_tokens=200, prompt_tokens=400, max_new_tokens=8)
     c = place.decide(r, DEDICATED + [COL], book)
@@ -370,6 +370,26 @@ def test_adaptive_colocates_under_low_load_and_splits_under_high_load():
             assert c.path == "split" or c.reason == "split routing chose x0 for every stage"
     assert sum(c.path == "split" for _, c in seen) >= 8
     assert sum(book.pending("prefill", n) for n in ("p0", "p1")) > book.pending("prefill", "x0")
+
+
+def test_adaptive_splits_rather_than_stall_the_colocated_workers_decodes():
+    r = req(image_tokens=200, prompt_tokens=400, max_new_tokens=8)
+    place = Placement("adaptive", colocate_below=0.9, stall_budget_s=0.1)
+    book = LoadBook()
+    first = place.decide(r, DEDICATED + [COL], book)
+    assert first.path == "colocated"  # x0 idle: nothing to stall
+    commit(book, RequestCost("b0", image_tokens=200, prompt_tokens=400, max_new_tokens=8), first)
+    book.finish("b0", "encode")
+    book.finish("b0", "prefill")  # b0 is decoding on x0 now
+    stall = place.stall_s(r, COL)
+    assert stall > 0.1
+    second = place.decide(r, DEDICATED + [COL], book)
+    assert second.path == "split"
+    assert second.reason == f"x0 decodes 1 requests; this prompt pass would stall them {stall * 1e3:.0f} ms > 100 ms"
+    # A short text-only prompt stalls little: colocated again.
+    tiny = req(image_tokens=0, prompt_tokens=10, max_new_tokens=8)
+    assert place.stall_s(tiny, COL) <= 0.1
+    assert place.decide(tiny, DEDICATED + [COL], book).path == "colocated"
 
 
 def test_adaptive_splits_when_split_ttft_is_better():

@@ -7,9 +7,11 @@
 
 `Placement(mode="adaptive")` (ModServe-style) takes the colocated path while the best
 colocated instance is lightly used -- utilisation, its pending work time (sum over its stages
-of pending tokens / capacity) over `horizon_s`, below `colocate_below` -- and its estimated TTFT
-is no worse than the split path's (plus `split_overhead_s` for the transfers); otherwise it
-splits, which spreads bursts over the dedicated instances. ``mode="split"`` and
+of pending tokens / capacity) over `horizon_s`, below `colocate_below` --, its estimated TTFT
+is no worse than the split path's (plus `split_overhead_s` for the transfers), and, when it is
+decoding other requests, this request's encode and prompt pass would not stall their decode
+steps longer than `stall_budget_s` (one device serves all its stages); otherwise it splits,
+which spreads bursts over the dedicated instances. ``mode="split"`` and
 ``mode="colocated"`` force their path when possible and fall back, saying why, when not.
 """
 
@@ -73,6 +75,7 @@ class Placement:
         *,
         horizon_s: float = 1.0,
         split_overhead_s: float = 0.0,
+        stall_budget_s: float | None = 0.1,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -82,10 +85,21 @@ class Placement:
             raise ValueError("horizon_s must be > 0")
         if split_overhead_s < 0:
             raise ValueError("split_overhead_s must be >= 0")
+        if stall_budget_s is not None and stall_budget_s < 0:
+            raise ValueError("stall_budget_s must be >= 0 (None: no limit)")
         self.mode = mode
         self.colocate_below = colocate_below
         self.horizon_s = horizon_s
         self.split_overhead_s = split_overhead_s
+        self.stall_budget_s = stall_budget_s
+
+    def stall_s(self, req: RequestCost, inst: Instance) -> float:
+        """How long this request's encode and prompt pass would hold `inst`'s compute, stalling
+        the decode steps of the requests it is decoding (a colocated worker shares one device)."""
+        work = req.prompt_tokens / inst.cap("prefill")
+        if req.image_tokens and "encode" in inst.stages:
+            work += req.image_tokens / inst.cap("encode")
+        return work
 
     def utilisation(self, inst: Instance, book: LoadBook) -> float:
         """Pending work time on `inst` (sum over its stages of pending / capacity) / horizon_s."""
@@ -132,6 +146,12 @@ class Placement:
         util = self.utilisation(coloc, book)
         if util >= self.colocate_below:
             return self._relabel(split, f"{coloc.name} utilisation {util:.2f} >= {self.colocate_below:g}")
+        decoding = book.slots_used(coloc.name)
+        if decoding and self.stall_budget_s is not None:
+            stall = self.stall_s(req, coloc)
+            if stall > self.stall_budget_s:
+                return self._relabel(split, f"{coloc.name} decodes {decoding} requests; this prompt pass "
+                                            f"would stall them {stall * 1e3:.0f} ms > {self.stall_budget_s * 1e3:.0f} ms")
         col = self._colocated(req, coloc, book, "")
         split_ttft = split.estimate.ttft_s + self.split_overhead_s
         if col.estimate.ttft_s <= split_ttft * (1 + 1e-9):
