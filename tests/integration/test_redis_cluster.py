@@ -99,3 +99,20 @@ async def test_malformed_and_orphaned_messages_are_dead_lettered_once(tiny_model
         assert len(await queue.dead_letters()) == 3
         assert await queue.depth() == 0
         await client.aclose()
+
+
+async def test_redis_restart_under_load_loses_no_request(tiny_models, oracle, redis_proc):
+    """Redis restarted (SIGTERM, AOF flushed) while four requests are in their stages: every
+    client connection rides it out and each stream is complete and exact."""
+    layout = [("encode",), ("prefill",), ("decode",)]
+    async with LocalCluster(tiny_models["llava"], layout, redis_url=redis_proc.url, slots=4) as c:
+        cases = [(f"restart {i}", [png_bytes(70 + i)] if i % 2 else [], 24) for i in range(4)]
+        tasks = [asyncio.create_task(collect(c.stub, chat(t, imgs, n))) for t, imgs, n in cases]
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(redis_proc.restart)
+        results = await asyncio.gather(*tasks)
+        for (text, imgs, n), (tokens, _) in zip(cases, results):
+            assert tokens == oracle.chat(text, [random_image(70 + int(text.split()[1]))] if imgs else [], n), text
+        # And the deployment goes on serving.
+        tokens, _ = await collect(c.stub, chat("after the restart", [], 5))
+        assert tokens == oracle.chat("after the restart", [], 5)
