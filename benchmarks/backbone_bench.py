@@ -34,7 +34,6 @@ import asyncio
 import copy
 import functools
 import io
-import json
 import os
 import statistics
 import sys
@@ -64,7 +63,7 @@ def ensure_malloc_tunables() -> None:
     os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], env)
 
 
-from benchmarks.common import GATE, SMALL_MODEL_DIR, ensure_model, med, say  # noqa: E402
+from benchmarks.common import GATE, SMALL_MODEL_DIR, ensure_model, finish_report, med, say  # noqa: E402
 
 
 def test_image() -> bytes:
@@ -535,14 +534,7 @@ def main() -> None:
         report["deployment"]["endpoints"] = dep.endpoints()
         pids = {name: child.pid for name, child in dep.supervisor.children.items()}
         asyncio.run(run_all(args, mono, dep.endpoints(), pids, report))
-    report["machine"]["quiet_gate"] = GATE.summary()
-    report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["wall_s"] = round(time.time() - started, 1)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text, flush=True)
+    finish_report(report, args.out, started)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ and the `small` LLaVA checkpoint they measure."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import statistics
 import sys
 import time
@@ -93,3 +95,16 @@ def ensure_model(model_dir: Path = SMALL_MODEL_DIR) -> Path:
         say(f"building the small LLaVA into {model_dir}")
         make_model("llava", "small", model_dir, seed=0)
     return model_dir
+
+
+def finish_report(report: dict, out: Path | None, started: float) -> None:
+    """Close the machine section (gate summary, load at the end, wall time), print the ONE JSON
+    report on stdout and write it to `out` when given."""
+    report.setdefault("machine", {})["quiet_gate"] = GATE.summary()
+    report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["wall_s"] = round(time.time() - started, 1)
+    text = json.dumps(report, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text, flush=True)

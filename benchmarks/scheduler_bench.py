@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import platform
 import random
@@ -192,7 +191,7 @@ def decision_time(queued: int, n: int, *, seed: int = 0, encoders: int = 4, pref
 
 
 
-from benchmarks.common import GATE, pct, rnd, say  # noqa: E402
+from benchmarks.common import GATE, finish_report, pct, rnd, say  # noqa: E402
 from benchmarks.goodput import MODEL_DIR, TRACE, goodput  # noqa: E402
 
 
@@ -480,14 +479,7 @@ def main() -> None:
 
         report["machine"]["torch"] = torch.__version__
         report["goodput"] = goodput(args)
-    report["machine"]["quiet_gate"] = GATE.summary()
-    report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["wall_s"] = round(time.time() - started, 1)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text, flush=True)
+    finish_report(report, args.out, started)
 
 
 if __name__ == "__main__":
