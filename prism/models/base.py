@@ -143,6 +143,13 @@ class FamilyAdapter(abc.ABC):
     def audio_sampling_rate(self, processor: Any) -> int:
         return int(processor.feature_extractor.sampling_rate)
 
+    def reduction_kinds(self) -> frozenset[str]:
+        """The input reductions that make this family's requests cheaper, offered under overload
+        within what a caller allows (prism/models/reduce.py names the kinds: "drop_modality",
+        "drop_images", "downscale_images", "trim_audio"). A family offers a kind only where it
+        saves tokens. The default offers none: requests are served as asked."""
+        return frozenset()
+
     # ---- encoder stage ------------------------------------------------------------------
     @abc.abstractmethod
     def encode(self, model: nn.Module, items: Sequence[MediaItem]) -> list[torch.Tensor]:

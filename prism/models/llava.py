@@ -32,6 +32,13 @@ class LlavaAdapter(FamilyAdapter):
     def media_placeholder(self, modality: str) -> str:
         return "<image>"
 
+    def reduction_kinds(self) -> frozenset[str]:
+        # every image fills the same number of tokens whatever its resolution: downscaling
+        # saves nothing, dropping images does
+        from prism.models.reduce import DROP_IMAGES, DROP_MODALITY
+
+        return frozenset({DROP_IMAGES, DROP_MODALITY})
+
     def prepare(self, processor: Any, text: str, images: Sequence[Any], audios: Sequence[Any]) -> PreparedPrompt:
         out = processor(text=text, images=list(images) or None, return_tensors="pt")
         ids = out["input_ids"][0].tolist()

@@ -41,6 +41,12 @@ class Qwen2AudioAdapter(FamilyAdapter):
     def media_placeholder(self, modality: str) -> str:
         return "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
+    def reduction_kinds(self) -> frozenset[str]:
+        # a clip's tokens scale with its length (25 per second)
+        from prism.models.reduce import DROP_MODALITY, TRIM_AUDIO
+
+        return frozenset({TRIM_AUDIO, DROP_MODALITY})
+
     def prepare(self, processor: Any, text: str, images: Sequence[Any], audios: Sequence[Any]) -> PreparedPrompt:
         kwargs: dict[str, Any] = {}
         if audios:

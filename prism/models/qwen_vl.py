@@ -41,6 +41,12 @@ class QwenVLAdapter(FamilyAdapter):
     def media_placeholder(self, modality: str) -> str:
         return "<|vision_start|><|image_pad|><|vision_end|>"
 
+    def reduction_kinds(self) -> frozenset[str]:
+        # native resolution: an image's tokens scale with its area, so a downscaled image costs less
+        from prism.models.reduce import DOWNSCALE_IMAGES, DROP_IMAGES, DROP_MODALITY
+
+        return frozenset({DOWNSCALE_IMAGES, DROP_IMAGES, DROP_MODALITY})
+
     def prepare(self, processor: Any, text: str, images: Sequence[Any], audios: Sequence[Any]) -> PreparedPrompt:
         out = processor(text=[text], images=list(images) or None, return_tensors="pt")
         ids = out["input_ids"][0].tolist()
