@@ -10,7 +10,11 @@ and acts on their answers. Modules:
 * `cost` -- `RequestCost`, `Estimate`, `estimate_path` (the latency model);
 * `placement` -- `Placement`, `PlacementChoice` (colocated vs split path);
 * `admission` -- `Admission`, `Limits`, `Decision`, `commit`, `order_key`;
-* `autoscale` -- `Autoscaler`, `ScalePolicy`, `capacity_from_profile`.
+* `autoscale` -- `Autoscaler`, `ScalePolicy`, `capacity_from_profile`;
+* `selection` -- deadline-driven modality selection (MOSEL): `reassign`, `admit_with_selection`,
+  `strategy_table` as integer programs (scipy's HiGHS). Imported on its own
+  (``from services.scheduler.core.selection import ...``) so that the rest of the core stays
+  standard-library only.
 
 A request's decision::
 
