@@ -57,6 +57,17 @@ class Backend:
         return bool(self.options.redis_url)
 
     @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions that mean "the queue backend is unreachable" (Redis down or
+        restarting, past the client's own retries): callers turn them into UNAVAILABLE."""
+        errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+        if self.durable:
+            from redis.exceptions import RedisError
+
+            errors += (RedisError,)
+        return errors
+
+    @property
     def client(self) -> Any:
         """The asyncio Redis client (None in memory mode)."""
         if self._client is None and self.durable:

@@ -154,8 +154,10 @@ class Pipeline:
             self.cluster.book.finish(task_id, stage)
             try:
                 await self.cluster.queue(stage, instance).cancel(task_id, code="CANCELLED", message="request ended")
-            except (UnknownTask, ConnectionError, OSError):
+            except UnknownTask:
                 pass
+            except self.cluster.backend.errors as exc:  # its worker drops it when it sees it is orphaned
+                log.warning("could not cancel %s: %s", task_id, exc)
         progress.tasks.clear()
 
     async def cancel_attempts(self, request_id: str, below: int) -> None:
@@ -186,9 +188,12 @@ class Pipeline:
             while True:
                 progress.attempt += 1
                 try:
-                    async for message in self._attempt(adm, progress, text, failed_on):
-                        yield message
-                    return
+                    try:
+                        async for message in self._attempt(adm, progress, text, failed_on):
+                            yield message
+                        return
+                    except self.cluster.backend.errors as exc:  # Redis unreachable past its retries
+                        raise StageError(grpc.StatusCode.UNAVAILABLE, f"queue backend unavailable: {exc}") from None
                 except StageError as exc:
                     retry = exc.code.name in RETRYABLE and progress.attempt < self.max_attempts
                     await self._cancel_tasks(progress)
@@ -196,7 +201,10 @@ class Pipeline:
                         raise
                     log.warning("request %s attempt %d failed (%s); retrying after %d tokens",
                                 adm.request_id, progress.attempt, exc.message, len(progress.tokens))
-                    await self.cluster.refresh()
+                    try:
+                        await self.cluster.refresh()
+                    except self.cluster.backend.errors:
+                        await asyncio.sleep(1.0)  # the backend is restarting: give it a moment
         finally:
             await self._cancel_tasks(progress)
             self.inflight.pop(adm.request_id, None)

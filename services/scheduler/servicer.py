@@ -135,14 +135,24 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         yield prism_pb2.GenerateResponse(request_id=rid, finish_reason=final.finish,
                                          usage=prism_pb2.Usage(generated_tokens=count))
 
+    async def _guarded(self, request: prism_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[prism_pb2.GenerateResponse]:
+        """`_stream`, with the request store's backend being unreachable reported as UNAVAILABLE
+        (the SDK resumes a stream broken that way once the backend is back)."""
+        try:
+            async for message in self._stream(request, context):
+                yield message
+        except self.pipeline.cluster.backend.errors as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"request store unavailable: {exc}")
+
     async def Generate(self, request: prism_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        async for message in self._stream(request, context):
+        async for message in self._guarded(request, context):
             yield message
 
     async def GenerateUnary(self, request: prism_pb2.GenerateUnaryRequest, context: grpc.aio.ServicerContext):
         out = prism_pb2.GenerateUnaryResponse()
         texts = []
-        async for message in self._stream(request.request, context):
+        async for message in self._guarded(request.request, context):
             out.request_id = message.request_id
             out.token_ids.extend(message.token_ids)
             texts.append(message.text)
