@@ -122,5 +122,63 @@ def demo(
     run_demo(models_dir, max_new_tokens=max_new_tokens, threads=threads)
 
 
+# ---- prism profile --------------------------------------------------------------------------
+
+@app.command("profile")
+def profile(
+    model: Path = typer.Option(..., "--model", help="Checkpoint directory to profile."),
+    eval_file: Path = typer.Option(None, "--eval", help="JSONL eval set (prompt or messages, images/audios, answer, match)."),
+    accuracy_file: Path = typer.Option(None, "--accuracy-file", help="JSON {reduction_id: accuracy} instead of an eval set."),
+    batch_sizes: str = typer.Option("1,4,8", "--batch-sizes", help="Comma-separated batch sizes to time each stage at."),
+    out: Path = typer.Option(None, "--out", help="Profile file to write (default: MODEL/prism-profile.json)."),
+    allow: str = typer.Option("all", "--allow", help="Reductions to score: all, none, or a comma list of drop_images, "
+                                                     "downscale_images, trim_audio, drop:image, drop:audio."),
+    max_new_tokens: int = typer.Option(0, "--max-new-tokens", help="Tokens generated per eval output (0: longest answer + 4)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cuda:0."),
+    image_side: int = typer.Option(224, "--image-side", help="Side in pixels of the random images the encoder is timed on."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Prompt length the prefill is timed on."),
+    decode_context: int = typer.Option(128, "--decode-context", help="Tokens in each decode slot while decode is timed."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per measurement (the median is kept)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs before each measurement."),
+) -> None:
+    """Measure stage costs and per-reduction accuracy for deadline-driven modality selection;
+    write the profile file and print a summary."""
+    if eval_file is not None and accuracy_file is not None:
+        raise typer.BadParameter("give --eval or --accuracy-file, not both", param_hint="--eval")
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        raise typer.BadParameter(f"{batch_sizes!r} is not a comma list of integers >= 1", param_hint="--batch-sizes")
+    if not (model / "config.json").is_file():
+        raise typer.BadParameter(f"{model} has no config.json", param_hint="--model")
+    from rich.console import Console
+
+    from prism.profiling.accuracy import EvalError, parse_allow
+    from prism.profiling.cost import CostSettings
+    from prism.profiling.profile import build_profile, summary_tables
+    from prism.profiling.schema import save
+
+    try:
+        parse_allow(allow)
+        settings = CostSettings(batch_sizes=sizes, image_side=image_side, prompt_tokens=prompt_tokens,
+                                decode_context=decode_context, repeats=repeats, warmup=warmup)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc))
+    try:
+        result = build_profile(model, eval_path=eval_file, accuracy_file=accuracy_file, allow=allow,
+                               settings=settings, max_new_tokens=max_new_tokens or None, dtype=dtype, device=device)
+    except EvalError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    path = save(result, out or model / "prism-profile.json")
+    console = Console()
+    for table in summary_tables(result):
+        console.print(table)
+    typer.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     app()
