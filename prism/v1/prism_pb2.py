@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from prism.v1 import common_pb2 as prism_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14prism/v1/prism.proto\x12\x08prism.v1\x1a\x15prism/v1/common.proto\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"H\n\x08PcmAudio\x12\x15\n\rsamples_f32le\x18\x01 \x01(\x0c\x12\x13\n\x0bsample_rate\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\"C\n\x05\x41udio\x12\r\n\x03wav\x18\x01 \x01(\x0cH\x00\x12!\n\x03pcm\x18\x02 \x01(\x0b\x32\x12.prism.v1.PcmAudioH\x00\x42\x08\n\x06source\"W\n\tMediaPart\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x0f.prism.v1.ImageH\x00\x12 \n\x05\x61udio\x18\x02 \x01(\x0b\x32\x0f.prism.v1.AudioH\x00\x42\x06\n\x04kind\"K\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x05media\x18\x02 \x01(\x0b\x32\x13.prism.v1.MediaPartH\x00\x42\x06\n\x04part\"C\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12&\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x15.prism.v1.ContentPart\"m\n\x04\x43hat\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.prism.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"<\n\x03Slo\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x03\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\x03\"\xed\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x1e\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x0e.prism.v1.ChatH\x00\x12\"\n\x05media\x18\x05 \x03(\x0b\x32\x13.prism.v1.MediaPart\x12*\n\x08sampling\x18\x06 \x01(\x0b\x32\x18.prism.v1.SamplingParams\x12\x1a\n\x03slo\x18\x07 \x01(\x0b\x32\r.prism.v1.Slo\x12\x10\n\x08priority\x18\x08 \x01(\x05\x42\x07\n\x05input\"B\n\x14GenerateUnaryRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.prism.v1.GenerateRequest\"d\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05\x12\x14\n\x0c\x61udio_tokens\x18\x03 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x04 \x01(\x05\"a\n\x06Timing\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x05 \x01(\x01\"\xe0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.prism.v1.FinishReason\x12 \n\x06timing\x18\x05 \x01(\x0b\x32\x10.prism.v1.Timing\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.prism.v1.Usage\x12&\n\tplacement\x18\x07 \x01(\x0b\x32\x13.prism.v1.Placement\"+\n\tPlacement\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\x05\"\xe5\x01\n\x15GenerateUnaryResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.prism.v1.FinishReason\x12 \n\x06timing\x18\x05 \x01(\x0b\x32\x10.prism.v1.Timing\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.prism.v1.Usage\x12&\n\tplacement\x18\x07 \x01(\x0b\x32\x13.prism.v1.Placement\"\x13\n\x11ListModelsRequest\"\xcb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12&\n\nmodalities\x18\x03 \x03(\x0e\x32\x12.prism.v1.Modality\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\x05\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\x05\x12\x1e\n\x16max_images_per_request\x18\x06 \x01(\x05\x12\x1e\n\x16max_audios_per_request\x18\x07 \x01(\x05\"P\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.prism.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\xee\x01\n\x0cPrismService\x12\x43\n\x08Generate\x12\x19.prism.v1.GenerateRequest\x1a\x1a.prism.v1.GenerateResponse0\x01\x12P\n\rGenerateUnary\x12\x1e.prism.v1.GenerateUnaryRequest\x1a\x1f.prism.v1.GenerateUnaryResponse\x12G\n\nListModels\x12\x1b.prism.v1.ListModelsRequest\x1a\x1c.prism.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14prism/v1/prism.proto\x12\x08prism.v1\x1a\x15prism/v1/common.proto\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"H\n\x08PcmAudio\x12\x15\n\rsamples_f32le\x18\x01 \x01(\x0c\x12\x13\n\x0bsample_rate\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\"C\n\x05\x41udio\x12\r\n\x03wav\x18\x01 \x01(\x0cH\x00\x12!\n\x03pcm\x18\x02 \x01(\x0b\x32\x12.prism.v1.PcmAudioH\x00\x42\x08\n\x06source\"W\n\tMediaPart\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x0f.prism.v1.ImageH\x00\x12 \n\x05\x61udio\x18\x02 \x01(\x0b\x32\x0f.prism.v1.AudioH\x00\x42\x06\n\x04kind\"K\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x05media\x18\x02 \x01(\x0b\x32\x13.prism.v1.MediaPartH\x00\x42\x06\n\x04part\"C\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12&\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x15.prism.v1.ContentPart\"m\n\x04\x43hat\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.prism.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"<\n\x03Slo\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x03\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\x03\"\x95\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x1e\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x0e.prism.v1.ChatH\x00\x12\"\n\x05media\x18\x05 \x03(\x0b\x32\x13.prism.v1.MediaPart\x12*\n\x08sampling\x18\x06 \x01(\x0b\x32\x18.prism.v1.SamplingParams\x12\x1a\n\x03slo\x18\x07 \x01(\x0b\x32\r.prism.v1.Slo\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12&\n\tselection\x18\t \x01(\x0b\x32\x13.prism.v1.SelectionB\x07\n\x05input\"\xdb\x01\n\tSelection\x12\x16\n\x0e\x61\x63\x63uracy_floor\x18\x01 \x01(\x01\x12+\n\x0f\x64rop_modalities\x18\x02 \x03(\x0e\x32\x12.prism.v1.Modality\x12\x13\n\x0b\x64rop_images\x18\x03 \x01(\x08\x12\x12\n\nmin_images\x18\x04 \x01(\x05\x12\x18\n\x10\x64ownscale_images\x18\x05 \x01(\x08\x12\x17\n\x0fmin_image_scale\x18\x06 \x01(\x01\x12\x12\n\ntrim_audio\x18\x07 \x01(\x08\x12\x19\n\x11min_audio_seconds\x18\x08 \x01(\x01\"\xc2\x01\n\nReductions\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x16\n\x0e\x64ropped_images\x18\x02 \x03(\x05\x12\x13\n\x0bimage_scale\x18\x03 \x01(\x01\x12\x15\n\raudio_seconds\x18\x04 \x01(\x01\x12.\n\x12\x64ropped_modalities\x18\x05 \x03(\x0e\x32\x12.prism.v1.Modality\x12\x19\n\x11\x65xpected_accuracy\x18\x06 \x01(\x01\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\"B\n\x14GenerateUnaryRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.prism.v1.GenerateRequest\"d\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\x05\x12\x14\n\x0c\x61udio_tokens\x18\x03 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x04 \x01(\x05\"a\n\x06Timing\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x05 \x01(\x01\"\x8a\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.prism.v1.FinishReason\x12 \n\x06timing\x18\x05 \x01(\x0b\x32\x10.prism.v1.Timing\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.prism.v1.Usage\x12&\n\tplacement\x18\x07 \x01(\x0b\x32\x13.prism.v1.Placement\x12(\n\nreductions\x18\x08 \x01(\x0b\x32\x14.prism.v1.Reductions\"+\n\tPlacement\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\x05\"\x8f\x02\n\x15GenerateUnaryResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.prism.v1.FinishReason\x12 \n\x06timing\x18\x05 \x01(\x0b\x32\x10.prism.v1.Timing\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.prism.v1.Usage\x12&\n\tplacement\x18\x07 \x01(\x0b\x32\x13.prism.v1.Placement\x12(\n\nreductions\x18\x08 \x01(\x0b\x32\x14.prism.v1.Reductions\"\x13\n\x11ListModelsRequest\"\xcb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12&\n\nmodalities\x18\x03 \x03(\x0e\x32\x12.prism.v1.Modality\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\x05\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\x05\x12\x1e\n\x16max_images_per_request\x18\x06 \x01(\x05\x12\x1e\n\x16max_audios_per_request\x18\x07 \x01(\x05\"P\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.prism.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\xee\x01\n\x0cPrismService\x12\x43\n\x08Generate\x12\x19.prism.v1.GenerateRequest\x1a\x1a.prism.v1.GenerateResponse0\x01\x12P\n\rGenerateUnary\x12\x1e.prism.v1.GenerateUnaryRequest\x1a\x1f.prism.v1.GenerateUnaryResponse\x12G\n\nListModels\x12\x1b.prism.v1.ListModelsRequest\x1a\x1c.prism.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,25 +49,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SLO']._serialized_start=588
   _globals['_SLO']._serialized_end=648
   _globals['_GENERATEREQUEST']._serialized_start=651
-  _globals['_GENERATEREQUEST']._serialized_end=888
-  _globals['_GENERATEUNARYREQUEST']._serialized_start=890
-  _globals['_GENERATEUNARYREQUEST']._serialized_end=956
-  _globals['_USAGE']._serialized_start=958
-  _globals['_USAGE']._serialized_end=1058
-  _globals['_TIMING']._serialized_start=1060
-  _globals['_TIMING']._serialized_end=1157
-  _globals['_GENERATERESPONSE']._serialized_start=1160
-  _globals['_GENERATERESPONSE']._serialized_end=1384
-  _globals['_PLACEMENT']._serialized_start=1386
-  _globals['_PLACEMENT']._serialized_end=1429
-  _globals['_GENERATEUNARYRESPONSE']._serialized_start=1432
-  _globals['_GENERATEUNARYRESPONSE']._serialized_end=1661
-  _globals['_LISTMODELSREQUEST']._serialized_start=1663
-  _globals['_LISTMODELSREQUEST']._serialized_end=1682
-  _globals['_MODELINFO']._serialized_start=1685
-  _globals['_MODELINFO']._serialized_end=1888
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1890
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1970
-  _globals['_PRISMSERVICE']._serialized_start=1973
-  _globals['_PRISMSERVICE']._serialized_end=2211
+  _globals['_GENERATEREQUEST']._serialized_end=928
+  _globals['_SELECTION']._serialized_start=931
+  _globals['_SELECTION']._serialized_end=1150
+  _globals['_REDUCTIONS']._serialized_start=1153
+  _globals['_REDUCTIONS']._serialized_end=1347
+  _globals['_GENERATEUNARYREQUEST']._serialized_start=1349
+  _globals['_GENERATEUNARYREQUEST']._serialized_end=1415
+  _globals['_USAGE']._serialized_start=1417
+  _globals['_USAGE']._serialized_end=1517
+  _globals['_TIMING']._serialized_start=1519
+  _globals['_TIMING']._serialized_end=1616
+  _globals['_GENERATERESPONSE']._serialized_start=1619
+  _globals['_GENERATERESPONSE']._serialized_end=1885
+  _globals['_PLACEMENT']._serialized_start=1887
+  _globals['_PLACEMENT']._serialized_end=1930
+  _globals['_GENERATEUNARYRESPONSE']._serialized_start=1933
+  _globals['_GENERATEUNARYRESPONSE']._serialized_end=2204
+  _globals['_LISTMODELSREQUEST']._serialized_start=2206
+  _globals['_LISTMODELSREQUEST']._serialized_end=2225
+  _globals['_MODELINFO']._serialized_start=2228
+  _globals['_MODELINFO']._serialized_end=2431
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2433
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2513
+  _globals['_PRISMSERVICE']._serialized_start=2516
+  _globals['_PRISMSERVICE']._serialized_end=2754
 # @@protoc_insertion_point(module_scope)

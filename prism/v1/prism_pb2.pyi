@@ -76,7 +76,7 @@ class Slo(_message.Message):
     def __init__(self, ttft_ms: _Optional[int] = ..., tpot_ms: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "request_id", "prompt", "chat", "media", "sampling", "slo", "priority")
+    __slots__ = ("model", "request_id", "prompt", "chat", "media", "sampling", "slo", "priority", "selection")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SLO_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     prompt: str
@@ -93,7 +94,46 @@ class GenerateRequest(_message.Message):
     sampling: _common_pb2.SamplingParams
     slo: Slo
     priority: int
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., media: _Optional[_Iterable[_Union[MediaPart, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    selection: Selection
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., media: _Optional[_Iterable[_Union[MediaPart, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., priority: _Optional[int] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ...) -> None: ...
+
+class Selection(_message.Message):
+    __slots__ = ("accuracy_floor", "drop_modalities", "drop_images", "min_images", "downscale_images", "min_image_scale", "trim_audio", "min_audio_seconds")
+    ACCURACY_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    DROP_MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    DROP_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MIN_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    DOWNSCALE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MIN_IMAGE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    TRIM_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    accuracy_floor: float
+    drop_modalities: _containers.RepeatedScalarFieldContainer[_common_pb2.Modality]
+    drop_images: bool
+    min_images: int
+    downscale_images: bool
+    min_image_scale: float
+    trim_audio: bool
+    min_audio_seconds: float
+    def __init__(self, accuracy_floor: _Optional[float] = ..., drop_modalities: _Optional[_Iterable[_Union[_common_pb2.Modality, str]]] = ..., drop_images: _Optional[bool] = ..., min_images: _Optional[int] = ..., downscale_images: _Optional[bool] = ..., min_image_scale: _Optional[float] = ..., trim_audio: _Optional[bool] = ..., min_audio_seconds: _Optional[float] = ...) -> None: ...
+
+class Reductions(_message.Message):
+    __slots__ = ("strategy", "dropped_images", "image_scale", "audio_seconds", "dropped_modalities", "expected_accuracy", "description")
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    strategy: str
+    dropped_images: _containers.RepeatedScalarFieldContainer[int]
+    image_scale: float
+    audio_seconds: float
+    dropped_modalities: _containers.RepeatedScalarFieldContainer[_common_pb2.Modality]
+    expected_accuracy: float
+    description: str
+    def __init__(self, strategy: _Optional[str] = ..., dropped_images: _Optional[_Iterable[int]] = ..., image_scale: _Optional[float] = ..., audio_seconds: _Optional[float] = ..., dropped_modalities: _Optional[_Iterable[_Union[_common_pb2.Modality, str]]] = ..., expected_accuracy: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
 
 class GenerateUnaryRequest(_message.Message):
     __slots__ = ("request",)
@@ -128,7 +168,7 @@ class Timing(_message.Message):
     def __init__(self, ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "timing", "usage", "placement")
+    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "timing", "usage", "placement", "reductions")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +176,7 @@ class GenerateResponse(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    REDUCTIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -143,7 +184,8 @@ class GenerateResponse(_message.Message):
     timing: Timing
     usage: Usage
     placement: Placement
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ...) -> None: ...
+    reductions: Reductions
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., reductions: _Optional[_Union[Reductions, _Mapping]] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("path", "attempts")
@@ -154,7 +196,7 @@ class Placement(_message.Message):
     def __init__(self, path: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class GenerateUnaryResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "timing", "usage", "placement")
+    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "timing", "usage", "placement", "reductions")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +204,7 @@ class GenerateUnaryResponse(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    REDUCTIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -169,7 +212,8 @@ class GenerateUnaryResponse(_message.Message):
     timing: Timing
     usage: Usage
     placement: Placement
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ...) -> None: ...
+    reductions: Reductions
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., reductions: _Optional[_Union[Reductions, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -1,4 +1,5 @@
 from prism.v1 import common_pb2 as _common_pb2
+from prism.v1 import prism_pb2 as _prism_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -231,3 +232,13 @@ class DecodeResponse(_message.Message):
     finish_reason: _common_pb2.FinishReason
     worker: str
     def __init__(self, state: _Optional[_Union[_common_pb2.TaskState, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., worker: _Optional[str] = ...) -> None: ...
+
+class StoredRequest(_message.Message):
+    __slots__ = ("request", "reduction", "expected_accuracy")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    request: _prism_pb2.GenerateRequest
+    reduction: str
+    expected_accuracy: float
+    def __init__(self, request: _Optional[_Union[_prism_pb2.GenerateRequest, _Mapping]] = ..., reduction: _Optional[str] = ..., expected_accuracy: _Optional[float] = ...) -> None: ...

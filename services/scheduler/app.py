@@ -44,8 +44,13 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
 
     pipeline = Pipeline(cluster, placement, admission, inject_trace=lambda: dict(inject_trace_context()),
                         max_attempts=policy.request_attempts, on_admit=on_admit, on_finish=on_finish)
+    profile = None
+    if config.selection_profile:
+        from prism.profiling.schema import load as load_profile
+
+        profile = load_profile(config.selection_profile)
     servicer = PrismServicer({model.name: model}, model.name, config.limits, pipeline, backend.store,
-                             owner=config.server.worker_name, lease_s=config.request_lease_s)
+                             owner=config.server.worker_name, lease_s=config.request_lease_s, profile=profile)
     admin = AdminServicer(cluster, pipeline, scaling)
 
     def register(server: grpc.aio.Server) -> None:

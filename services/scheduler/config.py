@@ -76,6 +76,8 @@ class SchedulerConfig:
     limits: Limits = field(default_factory=Limits, metadata={"help": "request limits"})
     policy: Policy = field(default_factory=Policy, metadata={"help": "admission, placement and autoscaling"})
     worker_wait_s: float = field(default=120.0, metadata={"help": "seconds to wait at start-up for a worker of every stage"})
+    selection_profile: str = field(default="", metadata={
+        "help": "profile written by `prism profile`: the accuracy of each input reduction; without it no request's inputs are reduced"})
     request_lease_s: float = field(default=10.0, metadata={
         "help": "an accepted request whose scheduler has not renewed its lease this long is taken over by another (or a restarted) scheduler"})
 
@@ -84,6 +86,8 @@ class SchedulerConfig:
         check(self.max_context >= 0, "max_context", "must be >= 0")
         check(self.worker_wait_s >= 0, "worker_wait_s", "must be >= 0")
         check(self.request_lease_s > 0, "request_lease_s", "must be > 0")
+        check(not self.selection_profile or Path(self.selection_profile).is_file(), "selection_profile",
+              f"{self.selection_profile} is not a file")
 
     @property
     def served_name(self) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from prism.engine.sampling import Sampling
 from prism.media import MediaLimits, decode_image, decode_pcm, decode_wav
 from prism.models.base import AUDIO, IMAGE, FamilyAdapter, InputError, PreparedPrompt
-from prism.v1 import prism_pb2
+from prism.v1 import common_pb2, prism_pb2
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 ROLES = frozenset({"system", "user", "assistant"})
@@ -107,6 +107,16 @@ class Admitted:
     deadline: float | None  # absolute time.time(), None = none
     ttft_target_s: float | None = None
     tpot_target_s: float | None = None
+    #: For input reductions: the chat messages or raw prompt to re-render, the decoded media
+    #: as (modality, value) in request order, what the caller allows and its accuracy floor.
+    source: Any = None
+    media: tuple = ()
+    add_generation_prompt: bool = True
+    allowed: Any = None
+    accuracy_floor: float = 0.0
+    #: The reduction applied (None: the request as sent) and its profiled accuracy.
+    reduction: Any = None
+    expected_accuracy: float | None = None
 
     @property
     def image_tokens(self) -> int:
@@ -151,8 +161,11 @@ def _count(modalities: list[str], limits: Limits, field: str) -> None:
         raise _invalid(field, f"{audios} audio clips exceed the limit of {limits.max_audios} per request")
 
 
-def _prompt_text(req: prism_pb2.GenerateRequest, model: ServedModel, limits: Limits) -> tuple[str, list[str], list[Any]]:
-    """(formatted text, modalities, decoded media) for prompt or chat input."""
+def _prompt_text(req: prism_pb2.GenerateRequest, model: ServedModel,
+                 limits: Limits) -> tuple[str, list[str], list[Any], Any, bool]:
+    """(formatted text, modalities, decoded media, source, add_generation_prompt) for prompt or
+    chat input; `source` is what an input reduction re-renders (the chat messages, or the raw
+    prompt with one placeholder per media item)."""
     adapter = model.adapter
     if req.WhichOneof("input") == "chat":
         if len(req.media):
@@ -188,7 +201,7 @@ def _prompt_text(req: prism_pb2.GenerateRequest, model: ServedModel, limits: Lim
             text = model.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_prompt)
         except Exception as exc:  # template errors are the caller's input
             raise _invalid("chat.messages", f"chat template rejected the messages: {exc}") from None
-        return text, modalities, media
+        return text, modalities, media, messages, add_prompt
 
     prompt = req.prompt
     _count([IMAGE if p.WhichOneof("kind") == "image" else AUDIO for p in req.media], limits, "media")
@@ -204,7 +217,7 @@ def _prompt_text(req: prism_pb2.GenerateRequest, model: ServedModel, limits: Lim
         for m, mark in marks.items():
             if present[m] != modalities.count(m):
                 raise _invalid("prompt", f"has {present[m]} {m} placeholders ({mark!r}) for {modalities.count(m)} {m} parts")
-    return prompt, modalities, [v for _, v in decoded]
+    return prompt, modalities, [v for _, v in decoded], prompt, True
 
 
 def _media_fields(req: prism_pb2.GenerateRequest) -> list[tuple[str, str]]:
@@ -257,7 +270,8 @@ def admit(req: prism_pb2.GenerateRequest, models: dict[str, ServedModel], defaul
     sampling, max_new = _sampling(req, model, limits)
     if req.slo.deadline_ms < 0 or req.slo.ttft_ms < 0 or req.slo.tpot_ms < 0:
         raise _invalid("slo", "targets must not be negative")
-    text, modalities, media = _prompt_text(req, model, limits)
+    text, modalities, media, source, add_prompt = _prompt_text(req, model, limits)
+    allowed, floor = _selection(req)
     images = [m for k, m in zip(modalities, media) if k == IMAGE]
     audios = [m for k, m in zip(modalities, media) if k == AUDIO]
     try:
@@ -289,4 +303,30 @@ def admit(req: prism_pb2.GenerateRequest, models: dict[str, ServedModel], defaul
         priority=req.priority, arrival=arrival, deadline=min(deadlines) if deadlines else None,
         ttft_target_s=req.slo.ttft_ms / 1000 if req.slo.ttft_ms else None,
         tpot_target_s=req.slo.tpot_ms / 1000 if req.slo.tpot_ms else None,
+        source=source, media=tuple(zip(modalities, media)), add_generation_prompt=add_prompt,
+        allowed=allowed, accuracy_floor=floor,
     )
+
+
+def _selection(req: prism_pb2.GenerateRequest) -> tuple[Any, float]:
+    """The input reductions the caller allows (`prism.models.reduce.Allowed`) and its floor."""
+    from prism.models.reduce import Allowed
+
+    sel = req.selection
+    if not math.isfinite(sel.accuracy_floor) or not 0 <= sel.accuracy_floor <= 1:
+        raise _invalid("selection.accuracy_floor", f"{sel.accuracy_floor} is outside [0, 1]")
+    names = {common_pb2.MODALITY_IMAGE: IMAGE, common_pb2.MODALITY_AUDIO: AUDIO}
+    drop = []
+    for i, m in enumerate(sel.drop_modalities):
+        if m not in names:
+            raise _invalid(f"selection.drop_modalities[{i}]", "only image or audio may be dropped")
+        drop.append(names[m])
+    try:
+        allowed = Allowed(drop_modalities=frozenset(drop), drop_images=sel.drop_images,
+                          min_images=sel.min_images, downscale_images=sel.downscale_images,
+                          min_scale=sel.min_image_scale or 0.25, trim_audio=sel.trim_audio,
+                          min_audio_s=sel.min_audio_seconds or 1.0)
+    except InputError as exc:
+        proto_name = {"min_scale": "min_image_scale", "min_audio_s": "min_audio_seconds"}.get(exc.field, exc.field)
+        raise _invalid(f"selection.{proto_name}", exc.reason) from None
+    return allowed, float(sel.accuracy_floor)

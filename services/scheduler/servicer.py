@@ -14,13 +14,15 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from prism.queue.requests import RequestRecord, RequestStore
-from prism.v1 import common_pb2, prism_pb2, prism_pb2_grpc
+from prism.v1 import common_pb2, prism_pb2, prism_pb2_grpc, stages_pb2
 from services.scheduler.intake import Admitted, Limits, RequestError, ServedModel, admit
 from services.scheduler.pipeline import Pipeline, Progress, StageError
+from services.scheduler.selector import Selector, reduction_json, reductions_proto, with_stored_reduction
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +31,14 @@ MODALITY = {"image": common_pb2.MODALITY_IMAGE, "audio": common_pb2.MODALITY_AUD
 
 class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
     def __init__(self, models: dict[str, ServedModel], default_model: str, limits: Limits, pipeline: Pipeline,
-                 store: RequestStore, *, owner: str, lease_s: float):
+                 store: RequestStore, *, owner: str, lease_s: float, profile: Any = None):
         self.models, self.default_model, self.limits = models, default_model, limits
         self.pipeline = pipeline
         self.store = store
         self.owner, self.lease_s = owner, lease_s
         # Processing (media decoding, image processors, tokenizer) runs off the event loop.
         self._intake = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake")
+        self.selector = Selector(profile, pipeline, self._intake)
         self._drivers: dict[str, asyncio.Task] = {}
         self._active: set[str] = set()  # requests this scheduler is driving now
 
@@ -72,11 +75,16 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         try:
             self.pipeline.admit(adm)
         except StageError as exc:
-            await self._abort(context, exc)
-        stored = prism_pb2.GenerateRequest()
-        stored.CopyFrom(request)
-        stored.request_id = adm.request_id
-        stored.sampling.seed = adm.sampling.seed  # a takeover must sample the same tokens
+            if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or not self.selector.wants(adm):
+                await self._abort(context, exc)
+            try:  # serve it with reduced inputs, within what its caller allowed
+                adm = await self.selector.select(adm, exc)
+            except StageError as refused:
+                await self._abort(context, refused)
+        stored = stages_pb2.StoredRequest(reduction=reduction_json(adm), expected_accuracy=adm.expected_accuracy or 0.0)
+        stored.request.CopyFrom(request)
+        stored.request.request_id = adm.request_id
+        stored.request.sampling.seed = adm.sampling.seed  # a takeover must sample the same tokens
         record = RequestRecord(request_id=adm.request_id, payload=stored.SerializeToString(),
                                accepted_at=adm.arrival, deadline=adm.deadline, owner=self.owner)
         self._active.add(adm.request_id)  # before the record exists: never taken over by ourselves
@@ -104,6 +112,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                 if message.token_ids or message.text:
                     await self.store.append_tokens(rid, index, list(message.token_ids), message.text)
                 if message.finish_reason:
+                    message.reductions.CopyFrom(reductions_proto(adm, self.selector.full_accuracy()))
                     await self.store.finish(rid, "done", finish=int(message.finish_reason))
                 yield message
         except StageError as exc:
@@ -161,6 +170,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                 out.timing.CopyFrom(message.timing)
                 out.usage.CopyFrom(message.usage)
                 out.placement.CopyFrom(message.placement)
+                out.reductions.CopyFrom(message.reductions)
         out.text = "".join(texts)
         return out
 
@@ -195,9 +205,12 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
     async def _resume(self, record: RequestRecord) -> None:
         rid = record.request_id
         try:
-            request = prism_pb2.GenerateRequest.FromString(record.payload)
+            stored = stages_pb2.StoredRequest.FromString(record.payload)
             try:
-                adm = await self._process(request, None)
+                adm = await self._process(stored.request, None)
+                if stored.reduction:  # the same reduced inputs as when it was accepted
+                    adm = await asyncio.get_running_loop().run_in_executor(
+                        self._intake, with_stored_reduction, adm, stored.reduction, stored.expected_accuracy)
             except RequestError as exc:
                 await self.store.finish(rid, "failed", code=exc.code, message=str(exc))
                 return

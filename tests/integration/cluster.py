@@ -51,13 +51,15 @@ class LocalCluster:
 
     def __init__(self, model_dir: Path, workers: list[tuple[str, ...]], *, redis_url: str = "",
                  placement: str = "adaptive", slots: int = 2, max_len: int = 512,
-                 queue: QueueOptions | None = None, policy: Policy | None = None, worker_args: dict | None = None):
+                 queue: QueueOptions | None = None, policy: Policy | None = None, worker_args: dict | None = None,
+                 selection_profile: str = ""):
         self.model_dir = Path(model_dir)
         self.layout = list(workers)
         self.queue_options = queue or QueueOptions(redis_url=redis_url, heartbeat_s=0.2, worker_ttl_s=1.0)
         self.policy = policy or Policy(placement=placement)
         self.slots, self.max_len = slots, max_len
         self.worker_args = worker_args or {}
+        self.selection_profile = selection_profile
         self.shared = None if self.queue_options.redis_url else Backend(self.queue_options)
         self.hosts: dict[str, WorkerHost] = {}
         self.scheduler: RunningStage | None = None
@@ -84,7 +86,8 @@ class LocalCluster:
         for stages in self.layout:
             await self.add_worker(stages)
         config = SchedulerConfig(model_dir=self.model_dir, max_context=self.max_len, server=server("scheduler"),
-                                 queue=self.queue_options, policy=self.policy, request_lease_s=2.0)
+                                 queue=self.queue_options, policy=self.policy, request_lease_s=2.0,
+                                 selection_profile=self.selection_profile)
         self.scheduler = await start_stage(config.server, await build_scheduler(config, self.backend()),
                                            handle_signals=False)
         self.channel = grpc.aio.insecure_channel(self.scheduler.address)

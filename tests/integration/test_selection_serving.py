@@ -1,0 +1,96 @@
+"""Deadline-driven input reduction at admission, through the scheduler and real workers: a
+request that would miss its deadline is served with the most accurate reduction its caller
+allowed (above its floor) that fits, the response says exactly what was dropped, and the tokens
+equal `model.generate` on the reduced inputs; nothing fits above the floor -> refused before any
+work; a request allowing nothing is never changed."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from prism.profiling.schema import AccuracyEntry, ModelInfo, Profile, StageCost, save
+from prism.v1 import common_pb2
+from services.scheduler.config import Policy
+from tests.conftest import png_bytes, random_image
+from tests.integration.cluster import LocalCluster, chat, collect
+from tests.oracle import Oracle
+
+# Assumed capacities (until profiled): encoding two 64-token images takes 1.28 s, one 0.64 s, so
+# a 1 s deadline is met only with an image dropped.
+POLICY = Policy(encode_capacity=100.0, prefill_capacity=2000.0, decode_capacity=400.0)
+ACCURACY = {"full": 1.0, "drop_images:1": 0.8, "drop:image": 0.3}
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_models) -> Oracle:
+    return Oracle(tiny_models["llava"])
+
+
+@pytest.fixture
+def profile(tmp_path, tiny_models):
+    cost = {b: StageCost(ms_per_token=1.0, ms_per_call=1.0, tokens_per_call=1, samples=1) for b in (1,)}
+    path = tmp_path / "profile.json"
+    save(Profile(model=ModelInfo("llava", "llava", "float32", "cpu"),
+                 costs={"encode": cost, "prefill": cost, "decode": cost},
+                 accuracy={k: AccuracyEntry(v) for k, v in ACCURACY.items()}), path)
+    return path
+
+
+def request(floor: float, allow: bool = True):
+    r = chat("compare the pictures", [png_bytes(81), png_bytes(82)], 6)
+    r.slo.deadline_ms = 1000
+    if allow:
+        r.selection.drop_images = True
+        r.selection.min_images = 1
+        r.selection.accuracy_floor = floor
+    return r
+
+
+async def test_overloaded_request_served_with_reduced_inputs_reported_exactly(tiny_models, oracle, profile):
+    layout = [("encode", "prefill", "decode")]
+    async with LocalCluster(tiny_models["llava"], layout, policy=POLICY, selection_profile=str(profile)) as c:
+        tokens, last = await collect(c.stub, request(floor=0.5))
+        red = last.reductions
+        assert (red.strategy, list(red.dropped_images), red.expected_accuracy) == ("drop_images:1", [1], 0.8)
+        assert red.image_scale == 1.0 and red.description
+        assert last.usage.image_tokens == 64  # one image of two
+        assert tokens == oracle.chat("compare the pictures", [random_image(81)], 6)
+
+
+async def test_no_reduction_above_the_floor_fits_refused_before_any_work(tiny_models, profile):
+    layout = [("encode", "prefill", "decode")]
+    async with LocalCluster(tiny_models["llava"], layout, policy=POLICY, selection_profile=str(profile)) as c:
+        for r in (request(floor=0.9), request(floor=0.0, allow=False)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(c.stub, r)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "deadline" in err.value.details()
+        assert "selection.accuracy_floor" in (await _refusal(c, request(floor=0.9))).details()
+        assert c.parts["cluster"].book.inflight == 0  # nothing was queued
+
+
+async def test_unreduced_requests_report_nothing_dropped(tiny_models, oracle, profile):
+    layout = [("encode", "prefill", "decode")]
+    async with LocalCluster(tiny_models["llava"], layout, selection_profile=str(profile)) as c:
+        r = request(floor=0.5)
+        r.slo.deadline_ms = 0  # no deadline: nothing to reduce for
+        tokens, last = await collect(c.stub, r)
+        assert last.reductions.strategy == "full" and list(last.reductions.dropped_images) == []
+        assert last.reductions.expected_accuracy == 1.0
+        assert tokens == oracle.chat("compare the pictures", [random_image(81), random_image(82)], 6)
+        bad = request(floor=1.5)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(c.stub, bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "selection.accuracy_floor" in err.value.details()
+        bad = request(floor=0.5)
+        bad.selection.drop_modalities.append(common_pb2.MODALITY_TEXT)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(c.stub, bad)
+        assert "selection.drop_modalities[0]" in err.value.details()
+
+
+async def _refusal(c, r) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(c.stub, r)
+    return err.value
