@@ -37,10 +37,12 @@ from prism.client.errors import (
     from_rpc_error,
 )
 from prism.client.media import to_audio, to_image, to_pcm
-from prism.client.request import build_chat, build_request
-from prism.client.types import Completion, ModelInfo, ModelList, Timing, TokenChunk, Usage
+from prism.client.request import Reduce, build_chat, build_request
+from prism.client.types import Completion, ModelInfo, ModelList, Reductions, Timing, TokenChunk, Usage
 
 __all__ = [
+    "Reduce",
+    "Reductions",
     "AbortedError",
     "AlreadyExistsError",
     "AsyncPrismClient",

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from prism.client.errors import from_rpc_error
-from prism.client.request import build_request
+from prism.client.request import Reduce, build_request
 from prism.client.types import Completion, ModelList, TokenChunk
 from prism.v1 import prism_pb2, prism_pb2_grpc
 
@@ -34,6 +34,7 @@ Metadata = Sequence[tuple[str, str | bytes]] | Mapping[str, str | bytes]
 
 # The keyword arguments of generate()/complete() that go into the request.
 _REQUEST_KWARGS = (
+    "reduce",
     "messages",
     "images",
     "audios",
@@ -272,6 +273,7 @@ class PrismClient(_Base):
         tpot_ms: int = 0,
         deadline_ms: int = 0,
         priority: int = 0,
+        reduce: Reduce | None = None,
         request_id: str = "",
         add_generation_prompt: bool | None = None,
         timeout: float | None = None,
@@ -305,6 +307,7 @@ class PrismClient(_Base):
         tpot_ms: int = 0,
         deadline_ms: int = 0,
         priority: int = 0,
+        reduce: Reduce | None = None,
         request_id: str = "",
         add_generation_prompt: bool | None = None,
         timeout: float | None = None,
@@ -377,6 +380,7 @@ class AsyncPrismClient(_Base):
         tpot_ms: int = 0,
         deadline_ms: int = 0,
         priority: int = 0,
+        reduce: Reduce | None = None,
         request_id: str = "",
         add_generation_prompt: bool | None = None,
         timeout: float | None = None,
@@ -409,6 +413,7 @@ class AsyncPrismClient(_Base):
         tpot_ms: int = 0,
         deadline_ms: int = 0,
         priority: int = 0,
+        reduce: Reduce | None = None,
         request_id: str = "",
         add_generation_prompt: bool | None = None,
         timeout: float | None = None,

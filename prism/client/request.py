@@ -7,6 +7,8 @@ can use it to get the exact request proto the SDK would send. Arguments are chec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 import os
 import re
@@ -165,13 +167,15 @@ def build_request(
     priority: int = 0,
     request_id: str = "",
     add_generation_prompt: bool | None = None,
+    reduce: "Reduce | None" = None,
 ) -> prism_pb2.GenerateRequest:
     """The ``GenerateRequest`` for these arguments (see ``PrismClient.generate``).
 
     Exactly one of ``prompt`` (raw text; ``images``/``audios`` fill the model's placeholders, or
     go before the text) and ``messages`` (chat; media inside the content parts). ``max_new_tokens``
     None or 0 uses the deployment's default; ``temperature`` 0 is greedy; ``top_p`` 0 means 1;
-    ``top_k`` 0 means no limit; ``seed`` None lets the server draw one.
+    ``top_k`` 0 means no limit; ``seed`` None lets the server draw one. ``reduce``: what the
+    scheduler may drop or shrink to meet ``deadline_ms`` (a :class:`Reduce`); None: never changed.
     """
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
@@ -231,7 +235,46 @@ def build_request(
         )
     )
     req.priority = _int("priority", priority, -(2**31), INT32_MAX)
+    if reduce is not None:
+        if not isinstance(reduce, Reduce):
+            raise TypeError(f"reduce must be a Reduce, not {type(reduce).__name__}")
+        req.selection.CopyFrom(reduce.to_proto())
     return req
 
 
-__all__ = ["build_chat", "build_request"]
+_MODALITIES = {"image": common_pb2.MODALITY_IMAGE, "audio": common_pb2.MODALITY_AUDIO}
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """What the scheduler may drop or shrink when the request would otherwise miss its
+    deadline, and the least expected accuracy (as the deployment profiled it) accepted. The
+    response's last chunk says what was done (``chunk.reductions``)."""
+
+    accuracy_floor: float = 0.0
+    drop_modalities: Sequence[str] = ()
+    """"image" and/or "audio": may be dropped entirely."""
+    drop_images: bool = False
+    """Some of several images may be dropped (the last ones), keeping at least `min_images`."""
+    min_images: int = 0
+    downscale_images: bool = False
+    min_image_scale: float = 0.0
+    """Smallest scale of each image side (0: the server's default, 0.25)."""
+    trim_audio: bool = False
+    min_audio_seconds: float = 0.0
+    """Least audio kept, seconds (0: the server's default, 1)."""
+
+    def to_proto(self) -> prism_pb2.Selection:
+        unknown = [m for m in self.drop_modalities if m not in _MODALITIES]
+        if unknown:
+            raise ValueError(f"drop_modalities: {unknown} are not image or audio")
+        return prism_pb2.Selection(
+            accuracy_floor=_float("accuracy_floor", self.accuracy_floor, 0.0, 1.0),
+            drop_modalities=[_MODALITIES[m] for m in self.drop_modalities], drop_images=bool(self.drop_images),
+            min_images=_int("min_images", self.min_images, 0, INT32_MAX), downscale_images=bool(self.downscale_images),
+            min_image_scale=_float("min_image_scale", self.min_image_scale, 0.0, 1.0),
+            trim_audio=bool(self.trim_audio),
+            min_audio_seconds=_float("min_audio_seconds", self.min_audio_seconds, 0.0, 1e6))
+
+
+__all__ = ["Reduce", "build_chat", "build_request"]

@@ -54,6 +54,25 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class Reductions:
+    """What the scheduler dropped or shrunk to meet the deadline (``strategy`` "full": nothing)."""
+
+    strategy: str
+    dropped_images: tuple[int, ...]
+    image_scale: float
+    audio_seconds: float
+    dropped_modalities: tuple[str, ...]
+    expected_accuracy: float
+    description: str
+
+    @classmethod
+    def from_proto(cls, m: prism_pb2.Reductions) -> Reductions:
+        names = {1: "text", 2: "image", 3: "audio"}
+        return cls(m.strategy, tuple(m.dropped_images), m.image_scale, m.audio_seconds,
+                   tuple(names.get(x, str(x)) for x in m.dropped_modalities), m.expected_accuracy, m.description)
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     """One streamed message: the tokens since the previous one and their text. The last chunk
     has ``finish_reason`` and ``usage``; ``timing`` comes on the first (ttft) and the last."""
@@ -66,6 +85,8 @@ class TokenChunk:
     usage: Usage | None = None
     placement: str | None = None
     """On the last chunk: ``"split"`` or ``"colocated"``, how the scheduler ran the request."""
+    reductions: Reductions | None = None
+    """On the last chunk: what was dropped or shrunk to meet the deadline."""
 
     @classmethod
     def from_proto(cls, m: prism_pb2.GenerateResponse) -> TokenChunk:
@@ -77,6 +98,7 @@ class TokenChunk:
             timing=Timing.from_proto(m.timing) if m.HasField("timing") else None,
             usage=Usage.from_proto(m.usage) if m.HasField("usage") else None,
             placement=m.placement.path or None if m.HasField("placement") else None,
+            reductions=Reductions.from_proto(m.reductions) if m.HasField("reductions") else None,
         )
 
 
@@ -91,6 +113,7 @@ class Completion:
     usage: Usage | None
     timing: Timing | None
     placement: str | None = None
+    reductions: Reductions | None = None
 
     @classmethod
     def from_proto(cls, m: prism_pb2.GenerateUnaryResponse) -> Completion:
@@ -102,6 +125,7 @@ class Completion:
             usage=Usage.from_proto(m.usage) if m.HasField("usage") else None,
             timing=Timing.from_proto(m.timing) if m.HasField("timing") else None,
             placement=m.placement.path or None if m.HasField("placement") else None,
+            reductions=Reductions.from_proto(m.reductions) if m.HasField("reductions") else None,
         )
 
     @classmethod
@@ -117,6 +141,7 @@ class Completion:
             usage=next((c.usage for c in reversed(chunks) if c.usage is not None), None),
             timing=timing,
             placement=next((c.placement for c in reversed(chunks) if c.placement), None),
+            reductions=next((c.reductions for c in reversed(chunks) if c.reductions is not None), None),
         )
 
 

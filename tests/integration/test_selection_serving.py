@@ -94,3 +94,19 @@ async def _refusal(c, r) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(c.stub, r)
     return err.value
+
+
+async def test_sdk_sends_what_may_be_reduced_and_reads_what_was(tiny_models, oracle, profile):
+    from prism.client import AsyncPrismClient, Reduce
+
+    layout = [("encode", "prefill", "decode")]
+    async with LocalCluster(tiny_models["llava"], layout, policy=POLICY, selection_profile=str(profile)) as c:
+        async with AsyncPrismClient(c.scheduler.address) as client:
+            messages = [{"role": "user", "content": [{"type": "image", "image": random_image(81)},
+                                                     {"type": "image", "image": random_image(82)},
+                                                     {"type": "text", "text": "compare the pictures"}]}]
+            done = await client.complete(messages=messages, max_new_tokens=6, deadline_ms=1000,
+                                         reduce=Reduce(accuracy_floor=0.5, drop_images=True, min_images=1))
+    assert done.reductions.strategy == "drop_images:1" and done.reductions.dropped_images == (1,)
+    assert done.reductions.expected_accuracy == 0.8
+    assert list(done.token_ids) == oracle.chat("compare the pictures", [random_image(81)], 6)

@@ -412,3 +412,24 @@ def test_errors_pickle():
     )
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is ResourceExhaustedError and back.retry_after_s == 0.01 and back.message == "busy"
+
+
+def test_reduce_maps_to_the_selection_message_and_checks_its_fields():
+    import pytest
+
+    from prism.client import Reduce, build_request
+    from prism.v1 import common_pb2
+
+    req = build_request("hi", reduce=Reduce(accuracy_floor=0.7, drop_modalities=("audio",), drop_images=True,
+                                            min_images=2, downscale_images=True, min_image_scale=0.5))
+    sel = req.selection
+    assert (sel.accuracy_floor, list(sel.drop_modalities), sel.drop_images, sel.min_images) == (
+        0.7, [common_pb2.MODALITY_AUDIO], True, 2)
+    assert sel.downscale_images and sel.min_image_scale == 0.5 and not sel.trim_audio
+    assert not build_request("hi").HasField("selection")
+    with pytest.raises(ValueError, match="accuracy_floor"):
+        build_request("hi", reduce=Reduce(accuracy_floor=1.5))
+    with pytest.raises(ValueError, match="drop_modalities"):
+        build_request("hi", reduce=Reduce(drop_modalities=("video",)))
+    with pytest.raises(TypeError, match="reduce"):
+        build_request("hi", reduce={"drop_images": True})
