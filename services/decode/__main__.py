@@ -6,7 +6,7 @@ from services.decode.config import DecodeConfig
 
 
 def specs(config: DecodeConfig) -> list[StageSpec]:
-    return [StageSpec("decode", config, build, slots=config.slots)]
+    return [StageSpec("decode", config, build, slots=config.slots, capacity=config.capacity)]
 
 
 if __name__ == "__main__":

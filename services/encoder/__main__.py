@@ -6,7 +6,7 @@ from services.encoder.config import EncoderConfig
 
 
 def specs(config: EncoderConfig) -> list[StageSpec]:
-    return [StageSpec("encode", config, build, slots=0)]
+    return [StageSpec("encode", config, build, slots=0, capacity=config.capacity)]
 
 
 if __name__ == "__main__":

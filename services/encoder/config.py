@@ -16,6 +16,8 @@ class EncoderConfig:
     model: ModelOptions = field(metadata={"help": "checkpoint"})
     server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "gRPC server"})
     queue: QueueOptions = field(default_factory=QueueOptions, metadata={"help": "stage queues and worker registry"})
+    capacity: float = field(default=0.0, metadata={
+        "help": "this worker's throughput for its stage, tokens/s (e.g. from `prism profile`), advertised to the scheduler; 0: the scheduler profiles it online"})
     max_batch_tokens: int = field(default=4096, metadata={"help": "embedding rows (media tokens) per encoder batch across requests"})
     queue_depth: int = field(default=256, metadata={"help": "encode tasks that may wait in this worker's queue"})
     held_ttl_s: float = field(default=120.0, metadata={"help": "seconds embeddings wait for prefill to pull them before they are dropped"})
@@ -23,6 +25,7 @@ class EncoderConfig:
     chunk_bytes: int = field(default=1 << 20, metadata={"help": "bytes per streamed embedding chunk"})
 
     def __post_init__(self) -> None:
+        check(self.capacity >= 0, "capacity", "must be >= 0")
         check(self.max_batch_tokens >= 1, "max_batch_tokens", "must be >= 1")
         check(self.queue_depth >= 1, "queue_depth", "must be >= 1")
         check(self.held_ttl_s > 0, "held_ttl_s", "must be > 0")

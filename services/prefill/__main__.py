@@ -6,7 +6,7 @@ from services.prefill.config import PrefillConfig
 
 
 def specs(config: PrefillConfig) -> list[StageSpec]:
-    return [StageSpec("prefill", config, build, slots=0)]
+    return [StageSpec("prefill", config, build, slots=0, capacity=config.capacity)]
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ class PrefillConfig:
     model: ModelOptions = field(metadata={"help": "checkpoint"})
     server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "gRPC server"})
     queue: QueueOptions = field(default_factory=QueueOptions, metadata={"help": "stage queues and worker registry"})
+    capacity: float = field(default=0.0, metadata={
+        "help": "this worker's throughput for its stage, tokens/s (e.g. from `prism profile`), advertised to the scheduler; 0: the scheduler profiles it online"})
     queue_depth: int = field(default=256, metadata={"help": "prefill tasks that may wait in this worker's queue"})
     held_ttl_s: float = field(default=120.0, metadata={"help": "seconds a KV cache waits for decode to pull it before it is dropped"})
     fetch_wait_s: float = field(default=60.0, metadata={"help": "seconds a FetchKv call waits for the prompt pass to start"})
@@ -24,6 +26,7 @@ class PrefillConfig:
     max_batch_tokens: int = field(default=2048, metadata={"help": "padded prompt tokens per prefill batch across requests"})
 
     def __post_init__(self) -> None:
+        check(self.capacity >= 0, "capacity", "must be >= 0")
         check(self.queue_depth >= 1, "queue_depth", "must be >= 1")
         check(self.max_batch_tokens >= 1, "max_batch_tokens", "must be >= 1")
         check(self.held_ttl_s > 0, "held_ttl_s", "must be > 0")

@@ -10,7 +10,7 @@ BUILDS = {"encode": build_encoder, "prefill": build_prefill, "decode": build_dec
 
 
 def specs(config: WorkerConfig) -> list[StageSpec]:
-    return [StageSpec(stage, cfg, BUILDS[stage], slots=getattr(cfg, "slots", 0))
+    return [StageSpec(stage, cfg, BUILDS[stage], slots=getattr(cfg, "slots", 0), capacity=cfg.capacity)
             for stage, cfg in config.stage_configs().items()]
 
 

@@ -32,6 +32,9 @@ class WorkerConfig:
     fetch_wait_s: float = field(default=60.0, metadata={"help": "seconds a fetch waits for an output to be ready"})
     upstream_timeout_s: float = field(default=300.0, metadata={"help": "seconds allowed to pull one input from another worker"})
     chunk_bytes: int = field(default=1 << 20, metadata={"help": "bytes per streamed embedding or KV chunk"})
+    encode_capacity: float = field(default=0.0, metadata={"help": "advertised encode throughput, tokens/s (0: profiled online)"})
+    prefill_capacity: float = field(default=0.0, metadata={"help": "advertised prefill throughput, tokens/s (0: profiled online)"})
+    decode_capacity: float = field(default=0.0, metadata={"help": "advertised full-batch decode throughput, tokens/s (0: profiled online)"})
 
     def __post_init__(self) -> None:
         names = self.stage_list
@@ -45,17 +48,19 @@ class WorkerConfig:
 
     def stage_configs(self) -> dict[str, object]:
         common = dict(model=self.model, server=self.server, queue=self.queue, queue_depth=self.queue_depth)
+        capacity = {"encode": self.encode_capacity, "prefill": self.prefill_capacity, "decode": self.decode_capacity}
         made: dict[str, object] = {}
         for name in self.stage_list:
             if name == "encode":
-                made[name] = EncoderConfig(**common, max_batch_tokens=self.encode_batch_tokens,
+                made[name] = EncoderConfig(**common, capacity=capacity[name], max_batch_tokens=self.encode_batch_tokens,
                                            held_ttl_s=self.held_ttl_s, fetch_wait_s=self.fetch_wait_s,
                                            chunk_bytes=self.chunk_bytes)
             elif name == "prefill":
-                made[name] = PrefillConfig(**common, held_ttl_s=self.held_ttl_s, fetch_wait_s=self.fetch_wait_s,
+                made[name] = PrefillConfig(**common, capacity=capacity[name], held_ttl_s=self.held_ttl_s,
+                                           fetch_wait_s=self.fetch_wait_s,
                                            upstream_timeout_s=self.upstream_timeout_s, chunk_bytes=self.chunk_bytes,
                                            max_batch_tokens=self.prefill_batch_tokens)
             else:
-                made[name] = DecodeConfig(**common, slots=self.slots, max_len=self.max_len,
+                made[name] = DecodeConfig(**common, capacity=capacity[name], slots=self.slots, max_len=self.max_len,
                                           upstream_timeout_s=self.upstream_timeout_s)
         return made
