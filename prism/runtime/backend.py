@@ -12,9 +12,6 @@ from prism.runtime.config import check
 
 __all__ = ["Backend", "QueueOptions"]
 
-STAGES = ("encode", "prefill", "decode")
-
-
 @dataclass(frozen=True)
 class QueueOptions:
     """The stage queues and the worker registry shared by the scheduler and its workers."""

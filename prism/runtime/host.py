@@ -81,11 +81,6 @@ class HostContext:
     async def load(self, options: Any, parts: frozenset[str], attn: str | None = None) -> Any:
         return await self.compute.run(self.models.get, options, parts, attn)
 
-    @classmethod
-    def standalone(cls, instance: str, threads: int = 0, options: QueueOptions | None = None) -> "HostContext":
-        """A context of its own for a stage built outside a worker host (tests)."""
-        return cls(Backend(options or QueueOptions()), instance, ComputeThread(instance, threads))
-
 
 @dataclass(frozen=True)
 class StageSpec:

@@ -18,13 +18,10 @@ import grpc
 from prism.v1 import admin_pb2, admin_pb2_grpc
 from services.scheduler.cluster import Cluster
 from services.scheduler.config import Policy
-from services.scheduler.core import Autoscaler, RateTracker, ScalePolicy, SloTracker
+from services.scheduler.core import STAGES, Autoscaler, RateTracker, ScalePolicy, SloTracker
 from services.scheduler.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
-
-STAGES = ("encode", "prefill", "decode")
-
 
 class Scaling:
     """Feeds the autoscaler with measured load and SLO attainment; keeps its latest answer."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,10 +35,8 @@ class Cluster:
         self.book = LoadBook()
         self.instances: list[Instance] = []
         self.infos: dict[str, Any] = {}
-        self.lost: collections.Counter[str] = collections.Counter()
         self._profiles: dict[tuple[str, str], collections.deque] = {}
         self._profile_window = profile_window
-        self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._reaping: set[str] = set()
 
@@ -69,8 +66,6 @@ class Cluster:
         live = [w for w in await registry.live() if w.model == self.model]
         self.infos = {w.name: w for w in live}
         self.instances = [self._instance(w) for w in live]
-        self._changed.set()
-        self._changed = asyncio.Event()
         dead = [n for n in await registry.known() if n not in self.infos and n not in self._reaping]
         for name in dead:
             info = await registry.get(name)
@@ -90,24 +85,6 @@ class Cluster:
                           or self.default_capacity[stage])
         return Instance(name=w.name, address=w.address, stages=frozenset(w.stages), capacity=cap,
                         decode_slots=w.decode_slots if "decode" in w.stages else 0, draining=w.draining)
-
-    async def wait_for(self, stages: Iterable[str], timeout: float) -> None:
-        """Wait until some live instance hosts each of `stages` (start-up), or raise NoInstance."""
-        until = time.monotonic() + timeout
-        need = set(stages)
-        while True:
-            have = {s for i in self.instances if not i.draining for s in i.stages}
-            missing = need - have
-            if not missing:
-                return
-            left = until - time.monotonic()
-            if left <= 0:
-                raise NoInstance(sorted(missing)[0], "no live worker hosts it")
-            changed = self._changed
-            try:
-                await asyncio.wait_for(changed.wait(), left)
-            except asyncio.TimeoutError:
-                pass
 
     # ---- profiles ----------------------------------------------------------------------
     def record(self, instance: str, stage: str, tokens: int, seconds: float) -> None:
@@ -130,6 +107,12 @@ class Cluster:
     def queue(self, stage: str, instance: str) -> WorkQueue:
         return self.backend.queue(stage, instance)
 
+    def records(self, stage: str) -> WorkQueue:
+        """A handle for operations on task records by id (state, cancel) whatever worker's queue
+        holds them: in Redis the records are shared by the namespace; it touches no worker's
+        stream. (In memory each queue keeps its own records; nothing outlives the process.)"""
+        return self.backend.queue(stage, "scheduler")
+
     async def reap(self, name: str, stages: Iterable[str]) -> int:
         """Handle a dead worker: fail its started tasks (their requests are retried), move its
         waiting ones to live workers. Returns the number of tasks failed or moved."""
@@ -148,19 +131,13 @@ class Cluster:
             from prism.queue.redis_queue import move_tasks
 
             for stage in stages:
-                def choose(item, stage=stage) -> str:
-                    target = route(stage, self.instances, self.book, exclude=(name,))
-                    self.book.move(item.task_id, stage, target.name, from_instance=name)
-                    return target.name
-
                 try:
                     moved = await move_tasks(self.backend.client, namespace=self.backend.options.namespace,
-                                             stage=stage, from_instance=name, route=choose)
+                                             stage=stage, from_instance=name, route=self._router(stage, name))
                 except NoInstance as exc:
                     log.error("cannot move the %s tasks of dead worker %s: %s", stage, name, exc)
                     continue
                 touched += len(moved)
-        self.lost[name] += 1
         log.warning("worker %s is gone: %d of its tasks failed over", name, touched)
         return touched
 
@@ -177,12 +154,17 @@ class Cluster:
         info = await registry.get(name)
         moved = 0
         for stage in info.stages if info is not None else ():
-            def choose(item, stage=stage) -> str:
-                target = route(stage, self.instances, self.book, exclude=(name,))
-                self.book.move(item.task_id, stage, target.name, from_instance=name)
-                return target.name
-
             # Only entries never delivered: what the worker took, it finishes while draining.
             moved += len(await move_tasks(self.backend.client, namespace=self.backend.options.namespace,
-                                          stage=stage, from_instance=name, route=choose, min_idle_ms=10**12))
+                                          stage=stage, from_instance=name, route=self._router(stage, name),
+                                          min_idle_ms=10**12))
         return moved
+
+    def _router(self, stage: str, away_from: str):
+        """`move_tasks`'s route: the least loaded other live instance of `stage`, booked there."""
+        def choose(item) -> str:
+            target = route(stage, self.instances, self.book, exclude=(away_from,))
+            self.book.move(item.task_id, stage, target.name, from_instance=away_from)
+            return target.name
+
+        return choose

@@ -97,10 +97,11 @@ class Pipeline:
         if self.on_admit is not None:
             self.on_admit(self.cost(adm))
 
-    def _choose(self, adm: Admitted, sent: int, exclude: set[str]) -> PlacementChoice:
+    def _choose(self, adm: Admitted, sent: int) -> PlacementChoice:
+        """Where this attempt runs (a retry's workers are the live ones: the reaper has removed
+        the lost one from the view)."""
         try:
-            return self.placement.decide(self.cost(adm, sent), self.cluster.instances, self.cluster.book,
-                                         exclude=exclude)
+            return self.placement.decide(self.cost(adm, sent), self.cluster.instances, self.cluster.book)
         except NoInstance as exc:
             raise StageError(grpc.StatusCode.UNAVAILABLE, f"no live worker for the {exc.stage} stage") from None
 
@@ -166,7 +167,7 @@ class Pipeline:
         stages = {"encode": [f"encode{k}" for k in range(8)], "prefill": ["prefill"], "decode": ["decode"]}
         for attempt in range(1, below):
             for stage, names in stages.items():
-                queue = self.cluster.queue(stage, "scheduler")
+                queue = self.cluster.records(stage)
                 for name in names:
                     try:
                         await queue.cancel(f"{request_id}/a{attempt}/{name}", code="CANCELLED",
@@ -183,13 +184,12 @@ class Pipeline:
         text = TextStream(adm.model.processor.tokenizer, adm.stop)
         if progress.tokens:
             text.push(list(progress.tokens))
-        failed_on: set[str] = set()
         try:
             while True:
                 progress.attempt += 1
                 try:
                     try:
-                        async for message in self._attempt(adm, progress, text, failed_on):
+                        async for message in self._attempt(adm, progress, text):
                             yield message
                         return
                     except self.cluster.backend.errors as exc:  # Redis unreachable past its retries
@@ -209,10 +209,10 @@ class Pipeline:
             await self._cancel_tasks(progress)
             self.inflight.pop(adm.request_id, None)
 
-    async def _attempt(self, adm: Admitted, progress: Progress, text: TextStream,
-                       failed_on: set[str]) -> AsyncIterator[prism_pb2.GenerateResponse]:
+    async def _attempt(self, adm: Admitted, progress: Progress,
+                       text: TextStream) -> AsyncIterator[prism_pb2.GenerateResponse]:
         sent = len(progress.tokens)
-        choice = self._choose(adm, sent, failed_on)
+        choice = self._choose(adm, sent)
         progress.placement = choice.path
         base = f"{adm.request_id}/a{progress.attempt}"
         max_new = adm.max_new_tokens - sent
