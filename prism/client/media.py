@@ -90,6 +90,17 @@ def _encode_pil(img: Any) -> bytes:
     return buf.getvalue()
 
 
+def _encoded_bytes(x: Any, what: str) -> bytes | None:
+    """The encoded file behind bytes, a data URL or a path; None for anything else."""
+    if isinstance(x, BytesLike):
+        return bytes(x)
+    if isinstance(x, str) and x.startswith("data:"):
+        return _data_url(x, what)[0]
+    if _is_pathlike(x):
+        return _read_path(x, what)
+    return None
+
+
 def to_image(x: Any, *, mime_type: str | None = None, what: str = "image") -> prism_pb2.Image:
     """``prism.v1.Image`` from bytes, a path, a data URL, a PIL image or an ``Image`` message."""
     if isinstance(x, prism_pb2.Image):
@@ -97,13 +108,8 @@ def to_image(x: Any, *, mime_type: str | None = None, what: str = "image") -> pr
     pil = _pil_image_class()
     if pil is not None and isinstance(x, pil):
         return prism_pb2.Image(data=_encode_pil(x), mime_type="image/png")
-    if isinstance(x, BytesLike):
-        data = bytes(x)
-    elif isinstance(x, str) and x.startswith("data:"):
-        data, _ = _data_url(x, what)
-    elif _is_pathlike(x):
-        data = _read_path(x, what)
-    else:
+    data = _encoded_bytes(x, what)
+    if data is None:
         raise TypeError(
             f"{what}: expected encoded image bytes, a file path, a data URL or a PIL.Image.Image, "
             f"not {type(x).__name__}"
@@ -175,13 +181,8 @@ def to_audio(x: Any, *, sample_rate: int | None = None, what: str = "audio") -> 
         if sample_rate is None:
             raise ValueError(f"{what}: samples need a sample rate: pass (samples, sample_rate)")
         return prism_pb2.Audio(pcm=to_pcm(x, sample_rate, what=what))
-    if isinstance(x, BytesLike):
-        data = bytes(x)
-    elif isinstance(x, str) and x.startswith("data:"):
-        data, _ = _data_url(x, what)
-    elif _is_pathlike(x):
-        data = _read_path(x, what)
-    else:
+    data = _encoded_bytes(x, what)
+    if data is None:
         raise TypeError(
             f"{what}: expected WAV bytes, a .wav path, (samples, sample_rate) or an array with "
             f"sample_rate=, not {type(x).__name__}"

@@ -369,6 +369,11 @@ def cost(adapter: FamilyAdapter, processor: Any, text: str | Sequence[Mapping[st
     ``prompt_tokens`` (``text_tokens`` + ``media_tokens``), the KV cache a decode starts from."""
     prompt = prepare_reduced(adapter, processor, text, media, reduction,
                              add_generation_prompt=add_generation_prompt).prompt
+    return prompt_cost(prompt, reduction)
+
+
+def prompt_cost(prompt: PreparedPrompt, reduction: Reduction) -> dict[str, Any]:
+    """:func:`cost` of a reduced request already prepared (``prepare_reduced(...).prompt``)."""
     image, audio = prompt.tokens_of(IMAGE), prompt.tokens_of(AUDIO)
     return {
         "reduction": reduction.id,

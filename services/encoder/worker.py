@@ -10,7 +10,7 @@ import time
 import torch
 from google.protobuf.message import DecodeError
 
-from prism.engine.encoder import EncoderEngine
+from prism.engine.encoder import EncoderEngine, take_media_batch
 from prism.models.base import MediaItem
 from prism.queue.base import TaskState, WorkItem, WorkQueue
 from prism.runtime.convert import item_from_input
@@ -50,10 +50,9 @@ class EncoderWorker:
         await self.queue.ack(task_id)
 
     async def _next_batch(self) -> list[tuple[WorkItem, list[MediaItem]]] | None:
-        batch, tokens = [], 0
+        batch = []
         if self._carry is not None:
             batch.append(self._carry)
-            tokens = sum(m.num_tokens for m in self._carry[1])
             self._carry = None
         while True:
             item = await self.queue.get(timeout=0 if batch else None)
@@ -62,12 +61,11 @@ class EncoderWorker:
             items = await self._parse(item)
             if items is None:
                 continue
-            need = sum(m.num_tokens for m in items)
-            if batch and tokens + need > self.max_batch_tokens:
+            pending = [(k, sum(m.num_tokens for m in its)) for k, (_, its) in enumerate([*batch, (item, items)])]
+            if len(take_media_batch(pending, self.max_batch_tokens, len(pending))) < len(pending):
                 self._carry = (item, items)
                 return batch
             batch.append((item, items))
-            tokens += need
 
     async def run(self) -> None:
         """Serve the queue until it is closed."""

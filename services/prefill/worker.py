@@ -14,7 +14,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from prism.engine.prefill import PrefillEngine, PromptPlan
+from prism.engine.prefill import PrefillEngine, PromptPlan, take_batch
 from prism.engine.sampling import Sampling
 from prism.models.base import MediaItem
 from prism.queue.base import TaskState, WorkItem, WorkQueue
@@ -107,8 +107,8 @@ class PrefillWorker:
             job = await self._parse(item)
             if job is None:
                 continue
-            longest = max(len(j.req.input_ids) for j in [*batch, job])
-            if batch and longest * (len(batch) + 1) > self.max_batch_tokens:
+            pending = [(k, len(j.req.input_ids)) for k, j in enumerate([*batch, job])]
+            if len(take_batch(pending, self.max_batch_tokens, len(pending))) < len(pending):
                 self._carry = job
                 return batch
             batch.append(job)

@@ -36,17 +36,21 @@ class Selector:
                 and adm.allowed.allows_any and bool(adm.media))
 
     def options(self, adm: Admitted) -> list[tuple[Any, Any]]:
-        """(strategy, reduction) pairs above the floor, most accurate first, then cheapest."""
-        from prism.models.reduce import candidates, cost
+        """(strategy, prepared reduced request) pairs above the floor, most accurate first, then
+        cheapest. Each candidate is prepared once: its exact token costs come from that."""
+        from prism.models.reduce import candidates, prepare_reduced, prompt_cost
 
         adapter, processor = adm.model.adapter, adm.model.processor
-        reductions = {r.id: r for r in candidates(adapter, processor, list(adm.media), adm.allowed)}
-        costs = [cost(adapter, processor, adm.source, list(adm.media), r,
-                      add_generation_prompt=adm.add_generation_prompt) for r in reductions.values()]
+        prepared = {}
+        for r in candidates(adapter, processor, list(adm.media), adm.allowed):
+            if not r.is_full:  # the full request was just refused
+                prepared[r.id] = prepare_reduced(adapter, processor, adm.source, list(adm.media), r,
+                                                 add_generation_prompt=adm.add_generation_prompt)
+        costs = [prompt_cost(p.prompt, p.reduction) for p in prepared.values()]
         strategies = self.profile.strategies_for(costs, decode_tokens=adm.max_new_tokens)
         ok = [s for s in strategies if s.accuracy >= adm.accuracy_floor]
         ok.sort(key=lambda s: (-s.accuracy, s.encode_tokens + s.prefill_tokens, s.id))
-        return [(s, reductions[s.id]) for s in ok]
+        return [(s, prepared[s.id]) for s in ok]
 
     @staticmethod
     def reduced(adm: Admitted, reduction: Any, accuracy: float) -> Admitted:
@@ -59,12 +63,10 @@ class Selector:
 
     async def select(self, adm: Admitted, refusal: StageError) -> Admitted:
         """A reduced request that admission accepts, or StageError(RESOURCE_EXHAUSTED)."""
-        loop = asyncio.get_running_loop()
-        options = await loop.run_in_executor(self.executor, self.options, adm)
-        for strategy, reduction in options:
-            if reduction.is_full:
-                continue  # the full request was just refused
-            candidate = await loop.run_in_executor(self.executor, self.reduced, adm, reduction, strategy.accuracy)
+        options = await asyncio.get_running_loop().run_in_executor(self.executor, self.options, adm)
+        for strategy, done in options:
+            candidate = dataclasses.replace(adm, prompt=done.prompt, reduction=done.reduction,
+                                            expected_accuracy=strategy.accuracy)
             try:
                 self.pipeline.admit(candidate)
             except StageError:

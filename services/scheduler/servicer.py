@@ -19,14 +19,12 @@ from typing import Any
 import grpc
 
 from prism.queue.requests import RequestRecord, RequestStore
-from prism.v1 import common_pb2, prism_pb2, prism_pb2_grpc, stages_pb2
+from prism.v1 import prism_pb2, prism_pb2_grpc, stages_pb2
 from services.scheduler.intake import Admitted, Limits, RequestError, ServedModel, admit
 from services.scheduler.pipeline import Pipeline, Progress, StageError
-from services.scheduler.selector import Selector, reduction_json, reductions_proto, with_stored_reduction
+from services.scheduler.selector import MODALITY, Selector, reduction_json, reductions_proto, with_stored_reduction
 
 log = logging.getLogger(__name__)
-
-MODALITY = {"image": common_pb2.MODALITY_IMAGE, "audio": common_pb2.MODALITY_AUDIO}
 
 
 class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
@@ -86,7 +84,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         stored.request.request_id = adm.request_id
         stored.request.sampling.seed = adm.sampling.seed  # a takeover must sample the same tokens
         record = RequestRecord(request_id=adm.request_id, payload=stored.SerializeToString(),
-                               accepted_at=adm.arrival, deadline=adm.deadline, owner=self.owner)
+                               accepted_at=adm.arrival, deadline=adm.deadline, owner=self.owner, status="running")
         self._active.add(adm.request_id)  # before the record exists: never taken over by ourselves
         if not await self.store.accept(record, lease_s=self.lease_s):
             self._active.discard(adm.request_id)
@@ -105,7 +103,6 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         """Run the pipeline, storing every chunk before it is sent; finish the record."""
         rid = adm.request_id
         self._active.add(rid)
-        await self.store.set_status(rid, "running")
         try:
             async for message in self.pipeline.run(adm, progress):
                 index = len(progress.tokens) - len(message.token_ids)
@@ -222,6 +219,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
             generation = max(1, fresh.attempt if fresh is not None else record.attempt + 1)
             progress = Progress(tokens=await self.store.tokens(rid), attempt=10 * generation)
             await self.pipeline.cancel_attempts(rid, progress.attempt)
+            await self.store.set_status(rid, "running")
             async for _ in self._drive(adm, progress):
                 pass
         except StageError as exc:
