@@ -246,9 +246,25 @@ class DecodeWorker:
             for event in batch:
                 if event is not None:
                     by_request.setdefault(event.request_id, []).append(event)
-            await asyncio.gather(*(self._publish(events) for events in by_request.values()))
+            results = await asyncio.gather(*(self._publish(events) for events in by_request.values()),
+                                           return_exceptions=True)
+            for rid, result in zip(by_request, results):
+                if isinstance(result, Exception):  # never let one request's failure stop every stream
+                    await self._publish_failed(rid, result)
             if stop:
                 return
+
+    async def _publish_failed(self, rid: str, exc: Exception) -> None:
+        """Tokens of `rid` could not be published: drop it from the batch and fail its task with
+        UNAVAILABLE, so that the scheduler retries it from the tokens it relayed."""
+        log.error("publishing the tokens of %s failed: %s", rid, exc)
+        self._generated.pop(rid, None)
+        self._cancelled.add(rid)
+        self._work.set()
+        try:
+            await self.queue.set_state(rid, TaskState.FAILED, code="UNAVAILABLE", message=f"token events lost: {exc}")
+        except Exception as again:  # the queue itself is unreachable: the reaper or a retry ends it
+            log.error("could not fail %s: %s", rid, again)
 
     # ---- the batch ---------------------------------------------------------------------
     async def _step_loop(self) -> None:
