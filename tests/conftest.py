@@ -112,3 +112,38 @@ async def redis_url(redis_server):
     finally:
         await client.flushdb()
         await client.aclose()
+
+
+#: Seconds after which a still-running test dumps its asyncio tasks and thread stacks (before
+#: pytest-timeout kills it at 600 s), so a rare stall leaves evidence of where it waits.
+STALL_DUMP_S = float(os.environ.get("PRISM_TEST_STALL_DUMP_S", "240"))
+
+
+def _dump_stall(nodeid: str) -> None:
+    import asyncio
+    import faulthandler
+    import gc
+    import sys
+
+    err = sys.__stderr__
+    print(f"\n===== {nodeid} still running after {STALL_DUMP_S:.0f} s: asyncio tasks =====", file=err)
+    for loop in [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]:
+        if loop.is_closed():
+            continue
+        for task in list(asyncio.all_tasks(loop)):
+            print(f"--- {task!r}", file=err)
+            task.print_stack(limit=12, file=err)
+    print("===== thread stacks =====", file=err)
+    faulthandler.dump_traceback(file=err, all_threads=True)
+    err.flush()
+
+
+@pytest.fixture(autouse=True)
+def _stall_watchdog(request):
+    import threading
+
+    timer = threading.Timer(STALL_DUMP_S, _dump_stall, args=(request.node.nodeid,))
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()

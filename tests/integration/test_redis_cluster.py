@@ -51,17 +51,19 @@ async def test_cancelled_stream_frees_its_decode_slot_over_redis(tiny_models, or
         engine = c.engine(c.named(("decode",))[0], "decode")
         call = c.stub.Generate(chat("count forever", [], 400, ))
         seen = 0
-        async for message in call:
-            seen += len(message.token_ids)
-            if seen >= 3:
-                break
+        async with asyncio.timeout(60):  # a stall fails here, named, instead of at pytest's timeout
+            async for message in call:
+                seen += len(message.token_ids)
+                if seen >= 3:
+                    break
         call.cancel()
 
         async def freed() -> bool:
             return engine.free_slots == 2 and engine.num_active == 0
 
         assert await wait_until(freed, 5.0)
-        tokens, _ = await collect(c.stub, chat("again", [], 5))
+        async with asyncio.timeout(60):
+            tokens, _ = await collect(c.stub, chat("again", [], 5))
         assert tokens == oracle.chat("again", [], 5)
 
 
