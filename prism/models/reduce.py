@@ -125,8 +125,9 @@ class Reduction:
     """One concrete way to serve a request, reportable in its response as is (:meth:`as_dict`).
 
     ``id`` is machine-readable: ``"full"``, ``"drop_images:K"`` (the last K images),
-    ``"image_scale:S"`` (every image's width and height times S), ``"audio_s:T"`` (each clip cut
-    to its first T seconds), ``"drop:MODALITY"`` (every item of it). The other fields say the
+    ``"image_scale:S"`` (every image's width and height times S), ``"audio_keep:F"`` (each clip cut
+    to the first F of the longest clip's seconds: relative, so one id means the same reduction
+    on clips of any length and one profiled accuracy applies to all), ``"drop:MODALITY"`` (every item of it). The other fields say the
     same for people: ``dropped_images`` the request indexes of the dropped images (counted over
     all media parts), ``image_scale`` 1.0 for unchanged images, ``audio_seconds`` None for
     untrimmed audio, ``dropped_modalities`` those dropped whole.
@@ -407,7 +408,7 @@ def _options(adapter: FamilyAdapter, processor: Any, media: Media, allowed: Allo
             seconds = round(longest * fraction, 2)
             if seconds > 0 and seconds >= allowed.min_audio_s and seconds not in seen:
                 seen.add(seconds)
-                out.append(Reduction(f"audio_s:{_fmt(seconds)}", audio_seconds=seconds))
+                out.append(Reduction(f"audio_keep:{_fmt(fraction)}", audio_seconds=seconds))
     if DROP_MODALITY in kinds:
         for modality in sorted(allowed.drop_modalities & set(modalities)):
             if modality == IMAGE and allowed.min_images > 0:

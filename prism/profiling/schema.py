@@ -7,7 +7,7 @@
   token (:class:`StageCost`); for decode a call is one step of the whole batch (one token per
   request), so ``ms_per_call`` is the milliseconds per step at that batch;
 * per reduction id (prism/models/reduce.py: ``"full"``, ``"drop_images:1"``,
-  ``"image_scale:0.5"``, ``"audio_s:2"``, ``"drop:image"``...) the accuracy measured on an eval set
+  ``"image_scale:0.5"``, ``"audio_keep:0.5"``, ``"drop:image"``...) the accuracy measured on an eval set
   or supplied by the user (:class:`AccuracyEntry`), and where it came from (:class:`AccuracySource`).
 
 The file is JSON, ``"version": 1``::
@@ -47,7 +47,7 @@ SOURCE_KINDS = ("eval", "file")
 
 #: The reduction ids of prism/models/reduce.py.
 _REDUCTION_ID = re.compile(
-    r"^(full|drop_images:[1-9][0-9]*|image_scale:[0-9.e+-]+|audio_s:[0-9.e+-]+|drop:(image|audio))$")
+    r"^(full|drop_images:[1-9][0-9]*|image_scale:[0-9.e+-]+|audio_keep:[0-9.e+-]+|drop:(image|audio))$")
 
 
 class ProfileError(ValueError):
@@ -63,7 +63,7 @@ def check_reduction_id(rid: Any, field_name: str) -> str:
     """`rid` if it is a reduction id of prism/models/reduce.py, else a ProfileError."""
     if not isinstance(rid, str) or not _REDUCTION_ID.match(rid):
         raise ProfileError(field_name, f"{rid!r} is not a reduction id (full, drop_images:K, image_scale:S, "
-                                       "audio_s:T, drop:image, drop:audio)")
+                                       "audio_keep:F, drop:image, drop:audio)")
     return rid
 
 

@@ -141,14 +141,14 @@ def test_qwen2_audio_trims_and_drops(families):
     f = families("qwen2-audio")
     media = [(AUDIO, random_audio(0, 8.0)), (AUDIO, random_audio(1, 2.0))]
     got = candidates(f.adapter, f.processor, media, EVERYTHING)
-    assert [r.id for r in got] == ["full", "audio_s:4", "audio_s:2", "drop:audio"]
+    assert [r.id for r in got] == ["full", "audio_keep:0.5", "audio_keep:0.25", "drop:audio"]
     assert [r.audio_seconds for r in got] == [None, 4.0, 2.0, None]
     assert f.tokens(media) == [250, 150, 100, 0]  # 25 tokens a second; the 2 s clip is cut by neither
-    assert f.ids(media, Allowed(trim_audio=True, min_audio_s=3)) == ["full", "audio_s:4"]
+    assert f.ids(media, Allowed(trim_audio=True, min_audio_s=3)) == ["full", "audio_keep:0.5"]
     assert f.ids(media, Allowed(trim_audio=True, drop_modalities=frozenset({AUDIO}), min_audio_s=5)) == \
         ["full", "drop:audio"]
     assert f.ids([(AUDIO, random_audio(2, 3.3))], Allowed(trim_audio=True, min_audio_s=0)) == \
-        ["full", "audio_s:1.65", "audio_s:0.82"]
+        ["full", "audio_keep:0.5", "audio_keep:0.25"]
     assert f.ids(media, Allowed(drop_images=True, downscale_images=True)) == ["full"]
 
 
@@ -219,7 +219,7 @@ def test_apply_drops_and_trims(families):
 
     a = families("qwen2-audio")
     clips = [(AUDIO, random_audio(0, 3.0)), (AUDIO, random_audio(1, 1.0))]
-    out = apply(a.adapter, a.processor, clips, Reduction("audio_s:1.5", audio_seconds=1.5))
+    out = apply(a.adapter, a.processor, clips, Reduction("audio_keep:0.5", audio_seconds=1.5))
     assert [len(x) for x in out.audios] == [24000, 16000]
     assert np.array_equal(out.audios[0], clips[0][1][:24000]) and out.audios[0].dtype == np.float32
     assert len(clips[0][1]) == 48000
@@ -271,7 +271,7 @@ ORACLE_CASES = {
     "llava": ([(IMAGE, random_image(7, 80, 64)), (IMAGE, random_image(8, 64, 48))], "drop_images:1"),
     "qwen2-vl": ([(IMAGE, random_image(7, 96, 64)), (IMAGE, random_image(8, 64, 64))], "image_scale:0.5"),
     "qwen2.5-vl": ([(IMAGE, random_image(7, 128, 96))], "image_scale:0.75"),
-    "qwen2-audio": ([(AUDIO, random_audio(7, 3.0)), (AUDIO, random_audio(8, 1.0))], "audio_s:0.75"),
+    "qwen2-audio": ([(AUDIO, random_audio(7, 3.0)), (AUDIO, random_audio(8, 1.0))], "audio_keep:0.25"),
 }
 
 
