@@ -243,12 +243,14 @@ class WorkQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def cancel(self, task_id: str, **detail: Any) -> bool:
+    async def cancel(self, task_id: str, *, if_queued: bool = False, **detail: Any) -> bool:
         """Cancels a task. A queued task is removed from the queue and marked CANCELLED; a
         delivered one is marked CANCELLED and its worker sees `is_cancelled(task_id)`, stops,
-        and acks it.
+        and acks it. With `if_queued`, atomically only while the task is still QUEUED (no worker
+        has started it: the scheduler reassigning work not begun).
 
-        Returns False when the task is unknown or already terminal.
+        Returns False when the task is unknown or already terminal (or, with `if_queued`,
+        started).
         """
 
     @abc.abstractmethod

@@ -254,9 +254,9 @@ class InMemoryWorkQueue(WorkQueue):
             rec.watchers.discard(events)
             self._maybe_forget(rec)
 
-    async def cancel(self, task_id: str, **detail: Any) -> bool:
+    async def cancel(self, task_id: str, *, if_queued: bool = False, **detail: Any) -> bool:
         rec = self._records.get(task_id)
-        if rec is None or rec.state.terminal:
+        if rec is None or rec.state.terminal or (if_queued and rec.state is not TaskState.QUEUED):
             return False
         if rec.entry is not None:
             self._remove_from_heap(rec)

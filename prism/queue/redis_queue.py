@@ -203,11 +203,13 @@ emit(h, ev, 1, join('{"attempt":' .. (attempt + 1) .. '}', ARGV[7]), ARGV[5])
 return 1
 """
 
-# KEYS task ev | ARGV ns state detail at ttl -> -1 unknown task, 0 already terminal, 1 done
+# KEYS task ev | ARGV ns state detail at ttl [only_from] -> -1 unknown task, 0 already terminal
+# (or not in state only_from), 1 done
 _TRANSITION = r"""
 local h, ev = KEYS[1], KEYS[2]
 if redis.call('EXISTS', h) == 0 then return -1 end
 if terminal(field(h, 'state')) then return 0 end
+if ARGV[6] and ARGV[6] ~= '' and field(h, 'state') ~= ARGV[6] then return 0 end
 local id = field(h, 'entry')
 if id ~= '' then  -- still waiting (not handed out): it was handled elsewhere, take it out
   local q, d = live_queue(h)
@@ -547,9 +549,10 @@ class RedisWorkQueue(WorkQueue):
                 if event.state.terminal:
                     return
 
-    async def cancel(self, task_id: str, **detail: Any) -> bool:
+    async def cancel(self, task_id: str, *, if_queued: bool = False, **detail: Any) -> bool:
         return await self._transition(task_id, TaskState.CANCELLED,
-                                      {"code": "CANCELLED", "message": "cancelled", **detail}) == 1
+                                      {"code": "CANCELLED", "message": "cancelled", **detail},
+                                      only_from=TaskState.QUEUED if if_queued else None) == 1
 
     async def is_cancelled(self, task_id: str) -> bool:
         return await self.state(task_id) is TaskState.CANCELLED
@@ -602,10 +605,12 @@ class RedisWorkQueue(WorkQueue):
         if eid is not None:
             self._owned.pop(eid, None)
 
-    async def _transition(self, task_id: str, state: TaskState, detail: dict[str, Any]) -> int:
+    async def _transition(self, task_id: str, state: TaskState, detail: dict[str, Any],
+                          only_from: TaskState | None = None) -> int:
         return int(await self._s.transition(
             keys=self._k.task(task_id),
-            args=[self._k.ns, int(state), _json(detail), _at(self._clock), self._ttl_ms]))
+            args=[self._k.ns, int(state), _json(detail), _at(self._clock), self._ttl_ms,
+                  "" if only_from is None else int(only_from)]))
 
     async def _fill(self, block_ms: int | None) -> bool:
         """Tops the buffer up: our own pending entries first (after a start, or every RESCAN_S

@@ -63,6 +63,8 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
         await cluster.start()
         loops.append(asyncio.create_task(scaling.run()))
         loops.append(asyncio.create_task(servicer.keep_leases(min(1.0, config.request_lease_s / 3))))
+        if servicer.selector.enabled:
+            loops.append(asyncio.create_task(servicer.selector.run()))
         await asyncio.gather(*loops, return_exceptions=True)
 
     async def on_stop() -> None:

@@ -14,6 +14,7 @@ caller's stream goes on from where it was, with no token repeated or missing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -59,6 +60,23 @@ class Progress:
     prefill_ms: float = 0.0
     tasks: dict[str, tuple[str, str]] = field(default_factory=dict)  # task id -> (stage, instance)
     started: float = field(default_factory=time.time)
+    adm: Admitted | None = None  # the request as being served (inputs as reduced now)
+    encode_started: bool = False  # a worker began encoding this attempt's media
+    reassigned: Admitted | None = None  # set by the selector: serve these inputs instead
+    reassignments: int = 0  # attempts ended by a reassignment (not failures)
+
+    @property
+    def reassignable(self) -> bool:
+        """Its inputs may still change: no token sent and no encoder began on them."""
+        return not self.tokens and not self.encode_started and self.first_at is None
+
+
+class Reassigned(StageError):
+    """The selector changed the inputs of a request whose encoding had not started: the attempt
+    ends (its queued encode tasks were taken back) and the next serves the new inputs."""
+
+    def __init__(self) -> None:
+        super().__init__(grpc.StatusCode.ABORTED, "inputs reassigned before encoding")
 
 
 class Pipeline:
@@ -85,11 +103,15 @@ class Pipeline:
             prompt_tokens=len(adm.prompt.input_ids) + sent, max_new_tokens=max(1, adm.max_new_tokens - sent),
             media=tuple(i.num_tokens for i in adm.prompt.items))
 
-    def admit(self, adm: Admitted) -> None:
+    def admit(self, adm: Admitted, *, check_deadline: bool = True) -> None:
         """Admission control before anything is queued: raises StageError(RESOURCE_EXHAUSTED)
-        with a retry hint when the request cannot meet its deadline or a stage is full."""
+        with a retry hint when the request cannot meet its deadline or a stage is full.
+        `check_deadline=False`: the deadline was checked already (the selector's program)."""
+        cost = self.cost(adm)
+        if not check_deadline:
+            cost = dataclasses.replace(cost, deadline=None)
         try:
-            decision = self.admission.admit(self.cost(adm), time.time(), self.cluster.book, self.cluster.instances)
+            decision = self.admission.admit(cost, time.time(), self.cluster.book, self.cluster.instances)
         except NoInstance as exc:
             raise StageError(grpc.StatusCode.UNAVAILABLE, f"no live worker for the {exc.stage} stage") from None
         if not decision.ok:
@@ -133,6 +155,11 @@ class Pipeline:
         stage, instance = progress.tasks[task_id]
         try:
             async for event in self.cluster.queue(stage, instance).watch(task_id, replay=replay):
+                if stage == "encode" and event.state is TaskState.RUNNING:
+                    progress.encode_started = True
+                if event.state is TaskState.CANCELLED and progress.reassigned is not None:
+                    self.cluster.book.finish(task_id, stage)
+                    raise Reassigned()
                 if event.state is TaskState.FAILED or event.state is TaskState.CANCELLED:
                     self.cluster.book.finish(task_id, stage)
                     code = str(event.detail.get("code", "INTERNAL"))
@@ -180,6 +207,7 @@ class Pipeline:
         """Streams the response messages; raises StageError when the request fails. `progress`
         carries tokens already sent (a request resumed after a scheduler restart)."""
         progress = progress or Progress()
+        progress.adm = adm
         self.inflight[adm.request_id] = progress
         text = TextStream(adm.model.processor.tokenizer, adm.stop)
         if progress.tokens:
@@ -195,8 +223,15 @@ class Pipeline:
                     except self.cluster.backend.errors as exc:  # Redis unreachable past its retries
                         raise StageError(grpc.StatusCode.UNAVAILABLE, f"queue backend unavailable: {exc}") from None
                 except StageError as exc:
-                    retry = exc.code.name in RETRYABLE and progress.attempt < self.max_attempts
                     await self._cancel_tasks(progress)
+                    if progress.reassigned is not None:  # the selector took the queued work back
+                        target, progress.reassigned = progress.reassigned, None
+                        progress.reassignments += 1
+                        if not progress.tokens:
+                            adm = progress.adm = target
+                        continue
+                    failures = progress.attempt - progress.reassignments
+                    retry = exc.code.name in RETRYABLE and failures < self.max_attempts
                     if not retry:
                         raise
                     log.warning("request %s attempt %d failed (%s); retrying after %d tokens",
@@ -221,6 +256,9 @@ class Pipeline:
                                              top_k=s.top_k, seed=s.seed, ignore_eos=adm.ignore_eos)
         items = adm.prompt.items
         sources: list[stages_pb2.EmbeddingSource] = []
+        if progress.reassigned is not None:  # reassigned before this attempt queued anything
+            raise Reassigned()
+        progress.encode_started = False
         if items:
             started = time.perf_counter()
             sources = await self._encode(adm, base, progress, choice)

@@ -1,12 +1,27 @@
-"""Deadline-driven input reduction at admission (MOSEL-style modality selection).
+"""Deadline-driven input reduction (MOSEL-style modality selection): the adapter between the
+pure program (`core.selection`) and the requests being served.
 
-When admission refuses a request because it would miss its deadline (or TTFT target), and its
-caller allowed reductions, the selector tries the request's candidate reductions
-(`prism.models.reduce`: the family's concrete options, measured exactly through its processor)
-whose profiled accuracy (`prism profile`) is at or above the caller's floor, most accurate
-first (then cheapest), and serves the first one admission accepts under the current load. When
-none fits, the request is refused before any work is spent on it. A request that allows nothing
-is never changed. Reassigning the strategies of other queued requests is not done here yet.
+Every request this scheduler serves is a *job* of the program (`jobs`): its remaining work per
+stage, its deadline, and, for a request whose caller allowed reductions and whose encoding has
+not started, every candidate strategy (`prism.models.reduce` candidates, measured exactly through
+the processor when it arrived, with the accuracy `prism profile` measured for it; those below
+the caller's floor are not offered, the full request always is).
+
+* **An arrival** that admission refuses (RESOURCE_EXHAUSTED) is fitted by `fit`: the program
+  picks its strategy and reassigns the queued, not-yet-encoded jobs so that every deadline is met,
+  maximising total expected accuracy; or it is refused before any work is spent on it, naming
+  the deadlines that would be missed. (Without a deadline only its own reductions are tried,
+  most accurate first, through admission: a TTFT target.)
+* **A slow stage**: every `every_s` the queue is checked against the measured stage capacities
+  (`tick`); when a deadline is at risk, the reassignable jobs are reassigned the same way (a
+  job late even on its cheapest strategy is put on it, and constrains no one).
+* **A reassignment** takes back the job's queued encode tasks atomically only while no worker has
+  started them (`cancel(if_queued=True)`), and its pipeline serves the new inputs in its next
+  attempt; a job whose encoding began is never changed. A request allowing nothing is never
+  changed; each job changes at most `MAX_CHANGES` times.
+
+The chosen inputs are persisted with the accepted request at arrival and reported on the last
+message (`reductions_proto`).
 """
 from __future__ import annotations
 
@@ -14,72 +29,310 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
+import logging
+import math
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from prism.v1 import common_pb2, prism_pb2
+from services.scheduler.core.selection import FULL, Job, Strategy, admit_with_selection, diagnose, reassign
 from services.scheduler.intake import Admitted
-from services.scheduler.pipeline import Pipeline, StageError
+from services.scheduler.pipeline import Pipeline, Progress, StageError
+
+log = logging.getLogger(__name__)
 
 MODALITY = {"image": common_pb2.MODALITY_IMAGE, "audio": common_pb2.MODALITY_AUDIO}
+#: The most times one request's inputs are reassigned (no thrash; attempts stay below a takeover's).
+MAX_CHANGES = 3
+
+
+@dataclass(frozen=True)
+class Option:
+    """One strategy of a request and its inputs prepared exactly as an unreduced request's."""
+
+    strategy: Strategy
+    prompt: Any  # PreparedPrompt
+    reduction: Any  # prism.models.reduce.Reduction; None for the full request
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A request whose inputs may be reduced: the request as sent and its options by strategy id."""
+
+    adm: Admitted
+    options: dict[str, Option]
+
+    def admitted(self, strategy_id: str) -> Admitted:
+        """The request served with `strategy_id`."""
+        opt = self.options[strategy_id]
+        return dataclasses.replace(self.adm, prompt=opt.prompt, reduction=opt.reduction,
+                                   expected_accuracy=opt.strategy.accuracy)
+
+
+@dataclass
+class Stats:
+    """What the selector did (for the admin status and benchmarks)."""
+
+    decisions: int = 0
+    decision_s: list[float] = dataclasses.field(default_factory=list)
+    fitted: int = 0  # arrivals accepted thanks to a reduction or a reassignment
+    refused: int = 0
+    reassigned: int = 0  # queued requests whose inputs were changed
+    lost_races: int = 0  # reassignments not applied: a worker had started encoding
 
 
 class Selector:
-    def __init__(self, profile: Any, pipeline: Pipeline, executor: concurrent.futures.Executor):
+    def __init__(self, profile: Any, pipeline: Pipeline, executor: concurrent.futures.Executor, *,
+                 every_s: float = 0.25, time_limit_s: float = 0.05):
         self.profile = profile
         self.pipeline = pipeline
         self.executor = executor
+        self.every_s, self.time_limit_s = every_s, time_limit_s
+        self.served: dict[str, Progress] = {}  # every request accepted here and not finished
+        self.entries: dict[str, Entry] = {}  # those that allow reductions
+        self.stats = Stats()
+        self._lock = asyncio.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.profile is not None and bool(self.profile.accuracy)
 
     def wants(self, adm: Admitted) -> bool:
-        return (self.profile is not None and bool(self.profile.accuracy) and adm.allowed is not None
-                and adm.allowed.allows_any and bool(adm.media))
+        return self.enabled and adm.allowed is not None and adm.allowed.allows_any and bool(adm.media)
 
-    def options(self, adm: Admitted) -> list[tuple[Any, Any]]:
-        """(strategy, prepared reduced request) pairs above the floor, most accurate first, then
-        cheapest. Each candidate is prepared once: its exact token costs come from that."""
+    # ---- bookkeeping -------------------------------------------------------------------
+    async def prepare(self, adm: Admitted) -> Entry | None:
+        """Its options (off the event loop), when reductions may apply to it."""
+        if not self.wants(adm):
+            return None
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._options, adm)
+
+    def _options(self, adm: Admitted) -> Entry:
         from prism.models.reduce import candidates, prepare_reduced, prompt_cost
 
         adapter, processor = adm.model.adapter, adm.model.processor
         prepared = {}
         for r in candidates(adapter, processor, list(adm.media), adm.allowed):
-            if not r.is_full:  # the full request was just refused
-                prepared[r.id] = prepare_reduced(adapter, processor, adm.source, list(adm.media), r,
-                                                 add_generation_prompt=adm.add_generation_prompt)
-        costs = [prompt_cost(p.prompt, p.reduction) for p in prepared.values()]
-        strategies = self.profile.strategies_for(costs, decode_tokens=adm.max_new_tokens)
-        ok = [s for s in strategies if s.accuracy >= adm.accuracy_floor]
-        ok.sort(key=lambda s: (-s.accuracy, s.encode_tokens + s.prefill_tokens, s.id))
-        return [(s, prepared[s.id]) for s in ok]
+            prepared[r.id] = (adm.prompt, None) if r.is_full else (
+                prepare_reduced(adapter, processor, adm.source, list(adm.media), r,
+                                add_generation_prompt=adm.add_generation_prompt).prompt, r)
+        costs = [prompt_cost(prompt, r) if r is not None else _full_cost(prompt) for prompt, r in prepared.values()]
+        strategies = {s.id: s for s in self.profile.strategies_for(costs, decode_tokens=adm.max_new_tokens)}
+        if FULL not in strategies:  # no accuracy profiled for it: the request as sent is the reference
+            c = _full_cost(adm.prompt)
+            strategies[FULL] = Strategy(FULL, 1.0, encode_tokens=c["media_tokens"], prefill_tokens=c["prompt_tokens"],
+                                        decode_tokens=adm.max_new_tokens)
+        options = {sid: Option(s, *prepared[sid]) for sid, s in strategies.items()
+                   if sid == FULL or s.accuracy >= adm.accuracy_floor}
+        return Entry(adm, options)
 
-    @staticmethod
-    def reduced(adm: Admitted, reduction: Any, accuracy: float) -> Admitted:
-        """The request with `reduction` applied, prepared exactly as an unreduced one."""
-        from prism.models.reduce import prepare_reduced
+    def accepted(self, adm: Admitted, entry: Entry | None, progress: Progress | None = None) -> Progress:
+        """Follow a request from its acceptance to its end (`finished`)."""
+        progress = progress or self.served.get(adm.request_id) or Progress()
+        progress.adm = adm
+        self.served[adm.request_id] = progress
+        if entry is not None:
+            self.entries[adm.request_id] = entry
+        return progress
 
-        done = prepare_reduced(adm.model.adapter, adm.model.processor, adm.source, list(adm.media), reduction,
-                               add_generation_prompt=adm.add_generation_prompt)
-        return dataclasses.replace(adm, prompt=done.prompt, reduction=reduction, expected_accuracy=accuracy)
+    def finished(self, request_id: str) -> None:
+        self.served.pop(request_id, None)
+        self.entries.pop(request_id, None)
 
-    async def select(self, adm: Admitted, refusal: StageError) -> Admitted:
-        """A reduced request that admission accepts, or StageError(RESOURCE_EXHAUSTED)."""
-        options = await asyncio.get_running_loop().run_in_executor(self.executor, self.options, adm)
-        for strategy, done in options:
-            candidate = dataclasses.replace(adm, prompt=done.prompt, reduction=done.reduction,
-                                            expected_accuracy=strategy.accuracy)
+    # ---- the program's view ------------------------------------------------------------
+    def capacity(self) -> dict[str, float]:
+        """Tokens/s per stage over the live, non-draining instances (measured where profiled)."""
+        cap: dict[str, float] = {}
+        for inst in self.pipeline.cluster.instances:
+            if not inst.draining:
+                for stage in inst.stages:
+                    cap[stage] = cap.get(stage, 0.0) + inst.capacity[stage]
+        return cap
+
+    def _reassignable(self, rid: str, progress: Progress) -> bool:
+        return (rid in self.entries and progress.reassignable and progress.reassigned is None
+                and progress.reassignments < MAX_CHANGES)
+
+    def jobs(self) -> list[Job]:
+        """Every request being served, as a job of the program."""
+        out = []
+        for seq, (rid, progress) in enumerate(self.served.items()):
+            adm = progress.adm
+            if adm is None:
+                continue
+            current = adm.reduction.id if adm.reduction is not None else FULL
+            if self._reassignable(rid, progress):
+                entry = self.entries[rid]
+                strategies = tuple(o.strategy for o in entry.options.values())
+                if current in entry.options:
+                    out.append(Job(rid, strategies, adm.deadline, adm.accuracy_floor, True, current,
+                                   adm.priority, seq))
+                    continue
+            out.append(Job(rid, (_remaining(adm, progress),), adm.deadline, 0.0, False, FULL, adm.priority, seq))
+        return out
+
+    def order(self, jobs: list[Job]) -> list[str]:
+        """The serving order the program assumes: requests a worker has begun first (they hold
+        their stage), then as the stage queues serve: priority, earliest deadline, arrival."""
+        def key(job: Job):
+            progress = self.served.get(job.request_id)
+            begun = progress is not None and (progress.encode_started or progress.encode_ms > 0
+                                              or progress.first_at is not None)
+            return (not begun, -job.priority, job.deadline if job.deadline is not None else math.inf, job.seq)
+
+        return [j.request_id for j in sorted(jobs, key=key)]
+
+    def _new_job(self, adm: Admitted, entry: Entry | None) -> Job:
+        seq = len(self.served)
+        if entry is None:
+            c = _full_cost(adm.prompt)
+            full = Strategy(FULL, 0.0, encode_tokens=c["media_tokens"], prefill_tokens=c["prompt_tokens"],
+                            decode_tokens=adm.max_new_tokens)
+            return Job(adm.request_id, (full,), adm.deadline, 0.0, True, FULL, adm.priority, seq)
+        return Job(adm.request_id, tuple(o.strategy for o in entry.options.values()), adm.deadline,
+                   adm.accuracy_floor, True, FULL, adm.priority, seq)
+
+    async def _solve(self, fn, *args, **kw):
+        started = time.perf_counter()
+        try:
+            return await asyncio.to_thread(fn, *args, **kw)
+        finally:
+            self.stats.decisions += 1
+            self.stats.decision_s.append(time.perf_counter() - started)
+            del self.stats.decision_s[:-1000]
+
+    # ---- arrivals ----------------------------------------------------------------------
+    async def fit(self, adm: Admitted, entry: Entry | None, refusal: StageError) -> Admitted:
+        """The arrival refused by admission as sent, accepted with the strategy the program gives
+        it (queued jobs reassigned), or StageError(RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED)."""
+        async with self._lock:
+            capacity = self.capacity()
+            if adm.deadline is None or not capacity:
+                return self._accept(await self._own_reductions(adm, entry, refusal), entry)
+            now, jobs, new = time.time(), self.jobs(), self._new_job(adm, entry)
+            decision = await self._solve(admit_with_selection, jobs, new, now, capacity,
+                                         order=self.order([*jobs, new]), time_limit_s=self.time_limit_s)
+            if not decision.ok:
+                self.stats.refused += 1
+                raise StageError(getattr(grpc.StatusCode, decision.code),
+                                 f"{refusal.message}; {decision.message} (selection.accuracy_floor "
+                                 f"{adm.accuracy_floor:g})", retry_after_s=decision.retry_after_s)
+            if decision.strategy == FULL and not decision.changed:
+                # The program fits it as sent where admission's estimate does not: admission stands;
+                # only the request's own reductions may still fit it.
+                return self._accept(await self._own_reductions(adm, entry, refusal), entry)
+            candidate = entry.admitted(decision.strategy) if entry is not None else adm
+            self.pipeline.admit(candidate, check_deadline=False)  # limits and placement
+            await self._apply({rid: decision.assignment.choice[rid] for rid in decision.changed})
+            self.stats.fitted += 1
+            return self._accept(candidate, entry)
+
+    def _accept(self, adm: Admitted, entry: Entry | None) -> Admitted:
+        self.accepted(adm, entry)
+        return adm
+
+    async def _own_reductions(self, adm: Admitted, entry: Entry | None, refusal: StageError) -> Admitted:
+        """The request's own reductions, most accurate first, the first admission accepts."""
+        options = [] if entry is None else sorted(
+            (o for sid, o in entry.options.items() if sid != FULL),
+            key=lambda o: (-o.strategy.accuracy, o.strategy.encode_tokens + o.strategy.prefill_tokens, o.strategy.id))
+        for opt in options:
+            candidate = entry.admitted(opt.strategy.id)
             try:
                 self.pipeline.admit(candidate)
             except StageError:
                 continue
+            self.stats.fitted += 1
             return candidate
+        self.stats.refused += 1
+        if entry is None:
+            raise refusal
         raise StageError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"{refusal.message}; no input reduction allowed by selection with a profiled accuracy "
                          f">= selection.accuracy_floor {adm.accuracy_floor:g} meets it either "
                          f"({len(options)} candidates tried)", retry_after_s=refusal.retry_after_s)
 
+    # ---- queued requests ---------------------------------------------------------------
+    async def _apply(self, changes: dict[str, str]) -> int:
+        """Serve each queued request with its new strategy; returns how many changed."""
+        applied = 0
+        for rid, sid in changes.items():
+            progress, entry = self.served.get(rid), self.entries.get(rid)
+            if progress is None or entry is None or sid not in entry.options or not self._reassignable(rid, progress):
+                continue
+            progress.reassigned = entry.admitted(sid)
+            encodes = [(t, inst) for t, (stage, inst) in progress.tasks.items() if stage == "encode"]
+            taken = 0
+            for task_id, inst in encodes:
+                try:
+                    taken += await self.pipeline.cluster.queue("encode", inst).cancel(
+                        task_id, if_queued=True, code="ABORTED", message="inputs reassigned")
+                except Exception as exc:  # noqa: BLE001 - the queue backend: leave this request as it is
+                    log.warning("reassigning %s: %s", rid, exc)
+            if encodes and not taken:  # a worker began: it keeps its inputs
+                progress.reassigned = None
+                progress.encode_started = True
+                self.stats.lost_races += 1
+                continue
+            applied += 1
+            log.info("request %s reassigned to %s", rid, sid)
+        self.stats.reassigned += applied
+        return applied
+
+    async def tick(self) -> int:
+        """Reassign when a deadline of the queue is at risk at the measured capacities (the
+        program's fast path keeps the current assignment when every deadline is met)."""
+        if not any(self._reassignable(r, p) for r, p in self.served.items()):
+            return 0
+        async with self._lock:
+            capacity = self.capacity()
+            if not capacity:
+                return 0
+            now, jobs = time.time(), self.jobs()
+            order = self.order(jobs)
+            late = {m.request_id for m in diagnose(jobs, now, capacity, order=order)}
+            fixed, changes = [], {}
+            for job in jobs:
+                if job.request_id in late:
+                    cheapest = min(job.allowed, key=lambda s: (s.seconds(capacity), -s.accuracy)).id
+                    if cheapest != job.current:
+                        changes[job.request_id] = cheapest
+                    job = dataclasses.replace(job, deadline=None, reassignable=False, current=cheapest)
+                fixed.append(job)
+            result = await self._solve(reassign, fixed, now, capacity, order=order, time_limit_s=self.time_limit_s)
+            if result.feasible and not result.fast_path:
+                changes.update({rid: result.choice[rid] for rid in result.changed})
+            return await self._apply(changes)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            try:
+                await self.tick()
+            except Exception:  # the loop must live; the next round decides afresh
+                log.exception("selection tick failed")
+
     def full_accuracy(self) -> float:
         entry = self.profile.accuracy.get("full") if self.profile is not None else None
         return entry.accuracy if entry is not None else 0.0
+
+
+def _full_cost(prompt: Any) -> dict[str, int]:
+    media = sum(i.num_tokens for i in prompt.items)
+    return {"reduction": FULL, "media_tokens": media, "prompt_tokens": len(prompt.input_ids)}
+
+
+def _remaining(adm: Admitted, progress: Progress) -> Strategy:
+    """The work a request still has, as one fixed strategy."""
+    encoded = not adm.prompt.items or progress.encode_ms > 0
+    prefilled = progress.first_at is not None
+    media = sum(i.num_tokens for i in adm.prompt.items)
+    return Strategy(FULL, 0.0, encode_tokens=0 if encoded else media,
+                    prefill_tokens=0 if prefilled else len(adm.prompt.input_ids),
+                    decode_tokens=max(0, adm.max_new_tokens - len(progress.tokens)))
 
 
 def reductions_proto(adm: Admitted, full_accuracy: float) -> prism_pb2.Reductions:
@@ -104,6 +357,13 @@ def with_stored_reduction(adm: Admitted, text: str, accuracy: float) -> Admitted
     """A taken-over request with the reduction chosen when it was accepted."""
     if not text:
         return adm
-    from prism.models.reduce import Reduction
+    from prism.models.reduce import Reduction, prepare_reduced
 
-    return Selector.reduced(adm, Reduction.from_dict(json.loads(text)), accuracy)
+    reduction = Reduction.from_dict(json.loads(text))
+    done = prepare_reduced(adm.model.adapter, adm.model.processor, adm.source, list(adm.media), reduction,
+                           add_generation_prompt=adm.add_generation_prompt)
+    return dataclasses.replace(adm, prompt=done.prompt, reduction=reduction, expected_accuracy=accuracy)
+
+
+__all__ = ["MAX_CHANGES", "Entry", "Option", "Selector", "Stats", "reduction_json", "reductions_proto",
+           "with_stored_reduction"]

@@ -70,13 +70,15 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                     yield message
                 return
         adm = await self._admit(request, context)
+        entry = await self.selector.prepare(adm)  # its reductions, when its caller allowed some
         try:
             self.pipeline.admit(adm)
+            self.selector.accepted(adm, entry)
         except StageError as exc:
-            if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or not self.selector.wants(adm):
+            if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or not self.selector.enabled:
                 await self._abort(context, exc)
-            try:  # serve it with reduced inputs, within what its caller allowed
-                adm = await self.selector.select(adm, exc)
+            try:  # reduce its inputs or queued requests' within what their callers allowed
+                adm = await self.selector.fit(adm, entry, exc)
             except StageError as refused:
                 await self._abort(context, refused)
         stored = stages_pb2.StoredRequest(reduction=reduction_json(adm), expected_accuracy=adm.expected_accuracy or 0.0)
@@ -88,11 +90,12 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         self._active.add(adm.request_id)  # before the record exists: never taken over by ourselves
         if not await self.store.accept(record, lease_s=self.lease_s):
             self._active.discard(adm.request_id)
+            self.selector.finished(adm.request_id)
             async for message in self._replay(await self.store.get(adm.request_id), context):
                 yield message
             return
         try:
-            async for message in self._drive(adm, Progress()):
+            async for message in self._drive(adm, self.selector.accepted(adm, None)):
                 yield message
         except StageError as exc:
             await self._abort(context, exc)
@@ -104,12 +107,12 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         rid = adm.request_id
         self._active.add(rid)
         try:
-            async for message in self.pipeline.run(adm, progress):
+            async for message in self.pipeline.run(progress.adm or adm, progress):
                 index = len(progress.tokens) - len(message.token_ids)
                 if message.token_ids or message.text:
                     await self.store.append_tokens(rid, index, list(message.token_ids), message.text)
-                if message.finish_reason:
-                    message.reductions.CopyFrom(reductions_proto(adm, self.selector.full_accuracy()))
+                if message.finish_reason:  # what was served: the inputs may have been reassigned
+                    message.reductions.CopyFrom(reductions_proto(progress.adm, self.selector.full_accuracy()))
                     await self.store.finish(rid, "done", finish=int(message.finish_reason))
                 yield message
         except StageError as exc:
@@ -121,6 +124,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
             raise
         finally:
             self._active.discard(rid)
+            self.selector.finished(rid)
 
     async def _replay(self, record: RequestRecord | None,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[prism_pb2.GenerateResponse]:
@@ -220,7 +224,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
             progress = Progress(tokens=await self.store.tokens(rid), attempt=10 * generation)
             await self.pipeline.cancel_attempts(rid, progress.attempt)
             await self.store.set_status(rid, "running")
-            async for _ in self._drive(adm, progress):
+            async for _ in self._drive(adm, self.selector.accepted(adm, None, progress)):
                 pass
         except StageError as exc:
             log.warning("taken-over request %s failed: %s", rid, exc.message)

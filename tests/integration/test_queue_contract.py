@@ -317,6 +317,22 @@ async def test_cancel_delivered_is_seen_by_worker(q) -> None:
     assert await q.ack("a")
 
 
+async def test_cancel_if_queued_only_takes_work_no_worker_started(q) -> None:
+    for name in "abc":
+        await q.put(item(name))
+    assert (await q.get()).task_id == "a"
+    await q.set_state("a", TaskState.RUNNING)
+    assert not await q.cancel("a", if_queued=True, code="ABORTED")  # started: left alone
+    assert await q.state("a") is TaskState.RUNNING
+    assert await q.cancel("b", if_queued=True, code="ABORTED", message="reassigned")
+    assert await q.state("b") is TaskState.CANCELLED
+    events = [e async for e in q.watch("b")]
+    assert events[0].detail == {"code": "ABORTED", "message": "reassigned"}
+    assert not await q.cancel("b", if_queued=True)  # terminal
+    assert not await q.cancel("unknown", if_queued=True)
+    assert await drain_ids(q) == ["c"]
+
+
 async def test_cancelled_record_outlives_ttl_until_ack(make) -> None:
     q = make(terminal_ttl_s=0.05)
     await q.put(item("a"))

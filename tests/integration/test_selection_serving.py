@@ -110,3 +110,103 @@ async def test_sdk_sends_what_may_be_reduced_and_reads_what_was(tiny_models, ora
     assert done.reductions.strategy == "drop_images:1" and done.reductions.dropped_images == (1,)
     assert done.reductions.expected_accuracy == 0.8
     assert list(done.token_ids) == oracle.chat("compare the pictures", [random_image(81)], 6)
+
+
+# ---- online reassignment of queued requests not yet encoded -----------------------------------
+
+SLOW = Policy(encode_capacity=50.0, prefill_capacity=2000.0, decode_capacity=400.0)  # 1.28 s an image
+
+
+def _gate(c):
+    """Hold the encoder's batches until the returned event is set (its first batch RUNNING)."""
+    import threading
+
+    name = c.named(("encode",))[0]
+    engine, gate = c.engine(name, "encode"), threading.Event()
+    original = engine.encode_batch
+
+    def held(*args, **kw):
+        gate.wait(30)
+        return original(*args, **kw)
+
+    engine.encode_batch = held
+    return gate
+
+
+def _two_images(text: str, seeds: tuple[int, int], deadline_ms: int, allow: bool):
+    r = chat(text, [png_bytes(s) for s in seeds], 6)
+    r.slo.deadline_ms = deadline_ms
+    if allow:
+        r.selection.drop_images, r.selection.min_images, r.selection.accuracy_floor = True, 1, 0.5
+    return r
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    until = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < until, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_an_arrival_reassigns_a_queued_request_not_yet_encoded(tiny_models, oracle, profile, backend, redis_url):
+    """R0 is being encoded (the encoder is held); R1 (allows dropping an image) waits in the encode
+    queue; R2 (allows nothing, tighter deadline) fits only if R1 drops an image: R1 is reassigned,
+    R0 is never touched, all three are exact on the inputs they were served with."""
+    import asyncio
+
+    layout = [("encode",), ("prefill",), ("decode",)]
+    url = redis_url if backend == "redis" else ""
+    async with LocalCluster(tiny_models["llava"], layout, policy=SLOW, selection_profile=str(profile),
+                            redis_url=url) as c:
+        gate = _gate(c)
+        selector = c.parts["servicer"].selector
+        r0 = chat("first", [png_bytes(90)], 6)
+        r0.selection.drop_modalities.append(common_pb2.MODALITY_IMAGE)  # allowed, but it will have begun
+        t0 = asyncio.create_task(collect(c.stub, r0))
+        await _until(lambda: any(p.encode_started for p in selector.served.values()))
+        t1 = asyncio.create_task(collect(c.stub, _two_images("second", (91, 92), 6000, allow=True)))
+        await _until(lambda: len(selector.served) == 2 and all(p.tasks for p in selector.served.values()))
+        jobs = {j.request_id: j for j in selector.jobs()}
+        assert sorted(j.reassignable for j in jobs.values()) == [False, True]  # R0 began: fixed
+        t2 = asyncio.create_task(collect(c.stub, _two_images("third", (93, 94), 4800, allow=False)))
+        await _until(lambda: selector.stats.reassigned == 1)
+        gate.set()
+        (tok0, last0), (tok1, last1), (tok2, last2) = await asyncio.gather(t0, t1, t2)
+    assert last0.reductions.strategy == "full" and tok0 == oracle.chat("first", [random_image(90)], 6)
+    assert (last1.reductions.strategy, list(last1.reductions.dropped_images)) == ("drop_images:1", [1])
+    assert last1.reductions.expected_accuracy == 0.8 and last1.placement.attempts == 2
+    assert tok1 == oracle.chat("second", [random_image(91)], 6)
+    assert last2.reductions.strategy == "full"
+    assert tok2 == oracle.chat("third", [random_image(93), random_image(94)], 6)
+    assert selector.stats.fitted == 1 and selector.served == {}
+
+
+async def test_a_slow_stage_reassigns_a_queued_request_at_risk(tiny_models, oracle, profile):
+    """R1 was accepted as sent; then the encoder is measured slower than assumed, so R1 would miss
+    its deadline: the selector's periodic check drops one of its images (R0, begun, is kept)."""
+    import asyncio
+
+    layout = [("encode",), ("prefill",), ("decode",)]
+    async with LocalCluster(tiny_models["llava"], layout, policy=SLOW, selection_profile=str(profile)) as c:
+        gate = _gate(c)
+        selector, cluster = c.parts["servicer"].selector, c.parts["cluster"]
+        t0 = asyncio.create_task(collect(c.stub, chat("first", [png_bytes(90)], 6)))
+        await _until(lambda: any(p.encode_started for p in selector.served.values()))
+        t1 = asyncio.create_task(collect(c.stub, _two_images("second", (91, 92), 6000, allow=True)))
+        await _until(lambda: len(selector.served) == 2 and all(p.tasks for p in selector.served.values()))
+        await asyncio.sleep(2 * selector.every_s)
+        assert selector.stats.reassigned == 0  # on time at 50 tokens/s
+        encoder = c.named(("encode",))[0]
+        for _ in range(3):
+            cluster.record(encoder, "encode", 60, 2.0)  # 30 tokens/s measured
+        await cluster.refresh()
+        await _until(lambda: selector.stats.reassigned == 1)
+        gate.set()
+        (tok0, last0), (tok1, last1) = await asyncio.gather(t0, t1)
+    assert last0.reductions.strategy == "full" and tok0 == oracle.chat("first", [random_image(90)], 6)
+    assert last1.reductions.strategy == "drop_images:1"
+    assert tok1 == oracle.chat("second", [random_image(91)], 6)
