@@ -99,17 +99,18 @@ class Prompts:
 
 
 async def send(client, messages: list[dict], new_tokens: int, *, ttft_ms: int = 0, tpot_ms: int = 0,
-               timeout: float = 300.0, request_id: str = "") -> dict:
-    """One streaming request; client-side times (perf_counter) and the server's timing."""
+               timeout: float = 300.0, request_id: str = "", **request_kw) -> dict:
+    """One streaming request; client-side times (perf_counter) and the server's timing.
+    `request_kw`: further `generate` arguments (deadline_ms, reduce, ...)."""
     from prism.client import PrismError
 
     sent = time.perf_counter()
     first = last = None
-    n, timing, usage, code, message = 0, None, None, "OK", ""
+    n, timing, usage, code, message, reductions = 0, None, None, "OK", "", None
     try:
         async for chunk in client.generate(messages=messages, max_new_tokens=new_tokens, ignore_eos=True,
                                            ttft_ms=ttft_ms, tpot_ms=tpot_ms, timeout=timeout,
-                                           request_id=request_id):
+                                           request_id=request_id, **request_kw):
             now = time.perf_counter()
             if chunk.token_ids:
                 first = now if first is None else first
@@ -119,6 +120,8 @@ async def send(client, messages: list[dict], new_tokens: int, *, ttft_ms: int = 
                 timing = chunk.timing
             if chunk.usage is not None:
                 usage = chunk.usage
+            if chunk.reductions is not None:
+                reductions = chunk.reductions
     except PrismError as exc:
         code, message = exc.code.name, exc.message[:300]
     except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not crash mid-replay
@@ -133,6 +136,7 @@ async def send(client, messages: list[dict], new_tokens: int, *, ttft_ms: int = 
         "server_tpot_ms": timing.tpot_ms if timing else None,
         "prompt_tokens": usage.prompt_tokens if usage else None,
         "image_tokens": usage.image_tokens if usage else None,
+        "reductions": reductions,
     }
 
 

@@ -62,7 +62,7 @@ class StageStatus(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., queued: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., load_tokens_per_s: _Optional[float] = ..., capacity_tokens_per_s: _Optional[float] = ..., desired_replicas: _Optional[int] = ..., actual_replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., slo_attainment: _Optional[float] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("stages", "workers", "in_flight", "placements", "dead_letters")
+    __slots__ = ("stages", "workers", "in_flight", "placements", "dead_letters", "selection")
     class PlacementsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,12 +75,34 @@ class GetStatusResponse(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
     stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     in_flight: int
     placements: _containers.ScalarMap[str, int]
     dead_letters: int
-    def __init__(self, stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., in_flight: _Optional[int] = ..., placements: _Optional[_Mapping[str, int]] = ..., dead_letters: _Optional[int] = ...) -> None: ...
+    selection: SelectionStatus
+    def __init__(self, stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., in_flight: _Optional[int] = ..., placements: _Optional[_Mapping[str, int]] = ..., dead_letters: _Optional[int] = ..., selection: _Optional[_Union[SelectionStatus, _Mapping]] = ...) -> None: ...
+
+class SelectionStatus(_message.Message):
+    __slots__ = ("decisions", "decision_p50_ms", "decision_p99_ms", "decision_max_ms", "fitted", "refused", "reassigned", "lost_races")
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_MAX_MS_FIELD_NUMBER: _ClassVar[int]
+    FITTED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    REASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    LOST_RACES_FIELD_NUMBER: _ClassVar[int]
+    decisions: int
+    decision_p50_ms: float
+    decision_p99_ms: float
+    decision_max_ms: float
+    fitted: int
+    refused: int
+    reassigned: int
+    lost_races: int
+    def __init__(self, decisions: _Optional[int] = ..., decision_p50_ms: _Optional[float] = ..., decision_p99_ms: _Optional[float] = ..., decision_max_ms: _Optional[float] = ..., fitted: _Optional[int] = ..., refused: _Optional[int] = ..., reassigned: _Optional[int] = ..., lost_races: _Optional[int] = ...) -> None: ...
 
 class ListRequestsRequest(_message.Message):
     __slots__ = ("limit",)

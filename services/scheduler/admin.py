@@ -85,8 +85,9 @@ class Scaling:
 
 
 class AdminServicer(admin_pb2_grpc.SchedulerAdminServiceServicer):
-    def __init__(self, cluster: Cluster, pipeline: Pipeline, scaling: Scaling):
+    def __init__(self, cluster: Cluster, pipeline: Pipeline, scaling: Scaling, selector=None):
         self.cluster, self.pipeline, self.scaling = cluster, pipeline, scaling
+        self.selector = selector
 
     async def GetStatus(self, request, context: grpc.aio.ServicerContext) -> admin_pb2.GetStatusResponse:
         book = self.cluster.book
@@ -117,6 +118,8 @@ class AdminServicer(admin_pb2_grpc.SchedulerAdminServiceServicer):
                     dead += len(await self.cluster.queue(stage, inst.name).dead_letters(1000))
                     break
         out.dead_letters = dead
+        if self.selector is not None and self.selector.enabled:
+            out.selection.CopyFrom(selection_status(self.selector.stats))
         return out
 
     async def ListRequests(self, request, context: grpc.aio.ServicerContext) -> admin_pb2.ListRequestsResponse:
@@ -142,3 +145,15 @@ class AdminServicer(admin_pb2_grpc.SchedulerAdminServiceServicer):
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"name: no worker {request.name!r} is registered")
         return admin_pb2.DrainWorkerResponse(moved_tasks=moved)
+
+
+def selection_status(stats) -> admin_pb2.SelectionStatus:
+    """The selector's counters and its recent decision times."""
+    times = sorted(stats.decision_s)
+
+    def q(f: float) -> float:
+        return times[min(len(times) - 1, int(f * len(times)))] * 1000 if times else 0.0
+
+    return admin_pb2.SelectionStatus(decisions=stats.decisions, decision_p50_ms=q(0.5), decision_p99_ms=q(0.99),
+                                     decision_max_ms=times[-1] * 1000 if times else 0.0, fitted=stats.fitted,
+                                     refused=stats.refused, reassigned=stats.reassigned, lost_races=stats.lost_races)

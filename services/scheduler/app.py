@@ -51,7 +51,7 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
         profile = load_profile(config.selection_profile)
     servicer = PrismServicer({model.name: model}, model.name, config.limits, pipeline, backend.store,
                              owner=config.server.worker_name, lease_s=config.request_lease_s, profile=profile)
-    admin = AdminServicer(cluster, pipeline, scaling)
+    admin = AdminServicer(cluster, pipeline, scaling, servicer.selector)
 
     def register(server: grpc.aio.Server) -> None:
         prism_pb2_grpc.add_PrismServiceServicer_to_server(servicer, server)

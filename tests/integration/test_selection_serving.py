@@ -176,6 +176,9 @@ async def test_an_arrival_reassigns_a_queued_request_not_yet_encoded(tiny_models
         await _until(lambda: selector.stats.reassigned == 1)
         gate.set()
         (tok0, last0), (tok1, last1), (tok2, last2) = await asyncio.gather(t0, t1, t2)
+        sel = (await c.status()).selection  # what operators see
+        assert (sel.fitted, sel.reassigned, sel.lost_races) == (1, 1, 0) and sel.decisions >= 1
+        assert 0 < sel.decision_p50_ms <= sel.decision_max_ms
     assert last0.reductions.strategy == "full" and tok0 == oracle.chat("first", [random_image(90)], 6)
     assert (last1.reductions.strategy, list(last1.reductions.dropped_images)) == ("drop_images:1", [1])
     assert last1.reductions.expected_accuracy == 0.8 and last1.placement.attempts == 2

@@ -1,0 +1,276 @@
+"""Deadline-driven modality selection under overload: goodput and job completion time with
+selection on versus the same system with it off, at 2x and 4x the sustainable load.
+
+What runs (all on this machine, the small LLaVA, fp32, one all-stage worker and the scheduler as
+processes, queues in a local redis-server):
+
+1. `prism profile` (the library call behind it) measures the stage costs of the deployed model;
+   accuracy per reduction comes from a supplied file (`ACCURACY`: a random-weight model has no
+   accuracy to measure; these stand for the published per-modality results a user would give).
+2. The request sequence: the window of the Azure conversation trace (`../shared/traces`) with the
+   most images (the multimodal shape overlaid, seeded), its first `--requests` requests; prompt
+   tokens scaled to a CPU-sized model, `--new-tokens` generated (forced). Every request with
+   images allows dropping images (`min_images` 0, so all of them) down to its floor, drawn from
+   `FLOORS`; text-only requests have nothing to reduce.
+3. Calibration on the idle deployment (selection off): the e2e latency of a request with k
+   images, k = 0..max, one at a time. Each request's deadline is `--deadline-x` times the idle
+   latency of its image count. The sustainable load is one request per mean idle latency of the
+   sequence (the box serves one request at a time at that rate; batching lets it do somewhat
+   more, so "2x" overloads it somewhat less than twice).
+4. For each load L in `--loads`, the sequence's arrival times are scaled so its mean rate is L x
+   sustainable, and it is replayed open loop (each request at its time) against the deployment
+   with selection off, then against a fresh one with selection on.
+
+Goodput: requests that finish all their tokens within their deadline (client-measured) with the
+expected accuracy of what was served at or above their floor (the full request: 1.0), per
+second of trace time. JCT: client-measured e2e of the completed requests (mean, p99); refused
+requests count in `refused` (RESOURCE_EXHAUSTED before any work), not in JCT.
+
+    .venv/bin/python benchmarks/selection_bench.py --out .bench/selection.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import GATE, ROOT, SMALL_MODEL_DIR, TRACES_DIR, ensure_model, finish_report, pct, rnd, say  # noqa: E402
+from benchmarks.goodput import Prompts, send, warm_up  # noqa: E402
+
+#: Supplied accuracy per reduction (relative to the full request).
+ACCURACY = {"full": 1.0, "drop_images:1": 0.95, "drop_images:2": 0.9, "drop_images:3": 0.86,
+            "drop_images:4": 0.82, "drop_images:5": 0.79, "drop_images:6": 0.76, "drop_images:7": 0.73,
+            "drop:image": 0.62}
+FLOORS = (0.6, 0.75, 0.85)  # callers' accuracy floors, drawn per request (seeded)
+MOSEL_GOODPUT_X = 3.6
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, default=SMALL_MODEL_DIR)
+    p.add_argument("--trace", type=Path, default=TRACES_DIR / "azure_llm_2023_conv.csv")
+    p.add_argument("--requests", type=int, default=60)
+    p.add_argument("--window-s", type=float, default=60.0, help="trace window searched for the most images")
+    p.add_argument("--max-images", type=int, default=6)
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--max-context", type=int, default=96, help="text tokens per request, at most")
+    p.add_argument("--deadline-x", type=float, default=3.0)
+    p.add_argument("--loads", type=str, default="2,4")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--work-dir", type=Path, default=ROOT / ".bench" / "selection")
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def sequence(args) -> tuple[list, dict]:
+    from benchmarks.trace import ImageShape, burstiest_window, describe, load_trace, scale
+
+    full = load_trace(args.trace, seed=args.seed, shape=ImageShape())
+    window = burstiest_window(full, args.window_s, weight=lambda r: r.num_images)[:args.requests]
+    seq = scale(window, context_factor=1 / 16, max_context=args.max_context, min_context=8,
+                max_images=args.max_images)
+    seq = [replace(r, generated_tokens=args.new_tokens) for r in seq]
+    rng = random.Random(args.seed + 4)
+    floors = [rng.choice(FLOORS) for _ in seq]
+    meta = {"trace": str(args.trace), "trace_requests": len(full), "window_s": args.window_s,
+            "requests": len(seq), "window": describe(window), "replayed": describe(seq),
+            "scaling": {"context_tokens": f"x1/16, clipped to [8, {args.max_context}]",
+                        "generated_tokens": f"{args.new_tokens}, forced (ignore_eos)",
+                        "max_images": args.max_images, "image": "224x224 random PNG (seeded)"},
+            "images_pattern": "".join(str(min(r.num_images, 9)) for r in seq),
+            "floors": {str(f): floors.count(f) for f in FLOORS}}
+    return list(zip(seq, floors)), meta
+
+
+def make_profile(args) -> tuple[Path, dict]:
+    from prism.profiling.cost import CostSettings
+    from prism.profiling.profile import build_profile
+    from prism.profiling.schema import save
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    acc = args.work_dir / "accuracy.json"
+    acc.write_text(json.dumps(ACCURACY))
+    started = time.perf_counter()
+    profile = build_profile(args.model_dir, accuracy_file=acc, settings=CostSettings(batch_sizes=(1, 4), repeats=2))
+    path = args.work_dir / "profile.json"
+    save(profile, path)
+    took = time.perf_counter() - started
+    say(f"profile: {path} in {took:.1f} s")
+    costs = {s: {str(b): rnd(c.ms_per_token, 3) for b, c in per.items()} for s, per in profile.costs.items()}
+    return path, {"wall_s": round(took, 1), "ms_per_token": costs, "accuracy_supplied": ACCURACY}
+
+
+def deployment(args, name: str, profile: Path | None):
+    from prism.launch import Deployment, DeploymentOptions
+
+    sched = ["--selection-profile", str(profile)] if profile is not None else []
+    options = DeploymentOptions(model_dir=args.model_dir, layout="colocated", placement="colocated",
+                                threads=args.threads, slots=16, max_len=2048, log_dir=args.work_dir / "logs" / name,
+                                extra_args={"scheduler": sched})
+    return Deployment(options)
+
+
+async def calibrate(address: str, prompts: Prompts, args) -> dict[int, float]:
+    """Idle e2e seconds of a request with k images (k = 0..max), the better of two runs."""
+    from prism.client import AsyncPrismClient
+
+    out = {}
+    async with AsyncPrismClient(address) as client:
+        for k in range(args.max_images + 1):
+            runs = []
+            for j in range(2):
+                GATE.wait()
+                r = await send(client, prompts.messages(970 + 2 * k + j, args.max_context // 2, k), args.new_tokens)
+                if r["code"] != "OK":
+                    raise RuntimeError(f"calibration failed: {r['code']} {r['message']}")
+                runs.append(r["e2e_ms"] / 1000)
+            out[k] = min(runs)
+            say(f"calibration: {k} images, idle e2e {out[k] * 1000:.0f} ms")
+    return out
+
+
+async def replay(address: str, seq: list, prompts: Prompts, idle: dict[int, float], args) -> list[dict]:
+    from prism.client import AsyncPrismClient, Reduce
+
+    loop = asyncio.get_running_loop()
+    bodies = [prompts.messages(k, r.context_tokens, r.num_images) for k, (r, _) in enumerate(seq)]
+    results: list[dict] = []
+    async with AsyncPrismClient(address) as client:
+        t0 = loop.time() + 0.2
+
+        async def one(k: int) -> None:
+            req, floor = seq[k]
+            await asyncio.sleep(max(0.0, t0 + req.arrival_s - loop.time()))
+            deadline_ms = max(1, round(args.deadline_x * idle[req.num_images] * 1000))
+            reduce = Reduce(accuracy_floor=floor, drop_images=True, min_images=0,
+                            drop_modalities=("image",)) if req.num_images else None
+            r = await send(client, bodies[k], req.generated_tokens, deadline_ms=deadline_ms, reduce=reduce,
+                           timeout=args.request_timeout)
+            red = r.pop("reductions")
+            strategy = red.strategy if red is not None else "full"
+            accuracy = ACCURACY["full"] if strategy == "full" else (red.expected_accuracy if red else 0.0)
+            r.update(index=k, images=req.num_images, floor=floor, deadline_ms=deadline_ms, strategy=strategy,
+                     accuracy=accuracy, new_tokens=req.generated_tokens)
+            results.append(r)
+
+        await asyncio.gather(*(one(k) for k in range(len(seq))))
+    return sorted(results, key=lambda r: r["index"])
+
+
+def good(r: dict) -> bool:
+    return (r["code"] == "OK" and r["tokens"] == r["new_tokens"] and r["e2e_ms"] <= r["deadline_ms"]
+            and r["accuracy"] >= r["floor"] - 1e-9)
+
+
+def summarise(results: list[dict], trace_time_s: float) -> dict:
+    done = [r for r in results if r["code"] == "OK" and r["tokens"] == r["new_tokens"]]
+    jct = sorted(r["e2e_ms"] for r in done)
+    codes: dict[str, int] = {}
+    strategies: dict[str, int] = {}
+    for r in results:
+        codes[r["code"]] = codes.get(r["code"], 0) + 1
+    for r in done:
+        strategies[r["strategy"]] = strategies.get(r["strategy"], 0) + 1
+    n_good = sum(good(r) for r in results)
+    return {
+        "requests": len(results), "completed": len(done), "good": n_good,
+        "goodput_per_s": round(n_good / trace_time_s, 4),
+        "late": sum(1 for r in done if r["e2e_ms"] > r["deadline_ms"]),
+        "below_floor": sum(1 for r in done if r["accuracy"] < r["floor"] - 1e-9),
+        "refused": codes.get("RESOURCE_EXHAUSTED", 0),
+        "jct_mean_ms": rnd(statistics.fmean(jct), 1) if jct else None,
+        "jct_p50_ms": rnd(pct(jct, 0.5), 1), "jct_p99_ms": rnd(pct(jct, 0.99), 1),
+        "mean_accuracy_served": rnd(statistics.fmean(r["accuracy"] for r in done), 4) if done else None,
+        "image_tokens_served": sum(r["image_tokens"] or 0 for r in done),
+        "codes": dict(sorted(codes.items())), "strategies": dict(sorted(strategies.items())),
+    }
+
+
+def scaled(seq: list, rate: float) -> tuple[list, float]:
+    """`seq` with arrivals stretched or squeezed to a mean rate of `rate` requests/s."""
+    span = seq[-1][0].arrival_s or 1.0
+    factor = (len(seq) / rate) / span
+    return [(replace(r, arrival_s=r.arrival_s * factor), f) for r, f in seq], span * factor
+
+
+def run_mode(args, name: str, profile: Path | None, seq: list, prompts: Prompts, idle: dict | None,
+             loads: list[float]) -> tuple[dict, dict]:
+    say(f"{name}: starting")
+    out: dict = {}
+    with deployment(args, name, profile) as dep:
+        asyncio.run(warm_up(dep.address, prompts, args.new_tokens))
+        if idle is None:
+            idle = asyncio.run(calibrate(dep.address, prompts, args))
+        mean_s = statistics.fmean(idle[r.num_images] for r, _ in seq)
+        for load in loads:
+            rate = load / mean_s
+            timed, trace_s = scaled(seq, rate)
+            GATE.wait()
+            say(f"{name}: {load}x load, {rate:.2f} req/s, {len(timed)} requests over {trace_s:.1f} s")
+            started = time.perf_counter()
+            results = asyncio.run(replay(dep.address, timed, prompts, idle, args))
+            summary = summarise(results, trace_s)
+            summary.update(load_x=load, rate_per_s=round(rate, 3), trace_time_s=round(trace_s, 2),
+                           wall_s=round(time.perf_counter() - started, 1))
+            summary["per_request"] = [
+                {k: (rnd(v, 1) if isinstance(v, float) else v) for k, v in r.items()
+                 if k in ("index", "images", "floor", "deadline_ms", "code", "e2e_ms", "strategy", "accuracy")}
+                for r in results]
+            out[f"{load:g}x"] = summary
+            say(f"{name} {load:g}x: good {summary['good']}/{summary['requests']}, goodput "
+                f"{summary['goodput_per_s']}/s, refused {summary['refused']}, late {summary['late']}, JCT mean "
+                f"{summary['jct_mean_ms']} p99 {summary['jct_p99_ms']} ms, strategies {summary['strategies']}")
+        sel = dep.status().selection
+        out["selector"] = {"decisions": sel.decisions, "decision_p50_ms": rnd(sel.decision_p50_ms, 3),
+                           "decision_p99_ms": rnd(sel.decision_p99_ms, 3), "decision_max_ms": rnd(sel.decision_max_ms, 3),
+                           "fitted": sel.fitted, "refused": sel.refused, "reassigned": sel.reassigned,
+                           "lost_races": sel.lost_races}
+    return out, idle
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    started = time.time()
+    ensure_model(args.model_dir)
+    loads = [float(x) for x in args.loads.split(",")]
+    seq, meta = sequence(args)
+    prompts = Prompts(args.model_dir, args.seed)
+    profile, profile_meta = make_profile(args)
+    off, idle = run_mode(args, "selection_off", None, seq, prompts, None, loads)
+    on, _ = run_mode(args, "selection_on", profile, seq, prompts, idle, loads)
+    mean_s = statistics.fmean(idle[r.num_images] for r, _ in seq)
+    report = {
+        "benchmark": "deadline-driven modality selection (issue 4)",
+        "model": "llava small (fp32), one all-stage worker, 2 threads",
+        "sequence": meta, "profile": profile_meta,
+        "calibration": {"idle_e2e_ms_by_images": {str(k): rnd(v * 1000, 1) for k, v in idle.items()},
+                        "sustainable_rate_per_s": round(1 / mean_s, 3), "deadline_x": args.deadline_x},
+        "selection_off": off, "selection_on": on, "ratios": {},
+    }
+    for load in loads:
+        key = f"{load:g}x"
+        a, b = on[key], off[key]
+        report["ratios"][key] = {
+            "goodput_on_over_off": round(a["goodput_per_s"] / b["goodput_per_s"], 3) if b["goodput_per_s"] else None,
+            "jct_mean_off_over_on": round(b["jct_mean_ms"] / a["jct_mean_ms"], 3)
+            if a["jct_mean_ms"] and b["jct_mean_ms"] else None,
+            "jct_p99_off_over_on": round(b["jct_p99_ms"] / a["jct_p99_ms"], 3)
+            if a["jct_p99_ms"] and b["jct_p99_ms"] else None,
+        }
+    best = max((r["goodput_on_over_off"] or 0) for r in report["ratios"].values())
+    report["goal"] = {"mosel_goodput_x": MOSEL_GOODPUT_X, "best_goodput_x": best, "beats_mosel": best > MOSEL_GOODPUT_X}
+    finish_report(report, args.out, started)
+
+
+if __name__ == "__main__":
+    main()
