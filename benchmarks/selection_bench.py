@@ -1,8 +1,9 @@
 """Deadline-driven modality selection under overload: goodput and job completion time with
 selection on versus the same system with it off, at 2x and 4x the sustainable load.
 
-What runs (all on this machine, the small LLaVA, fp32, one all-stage worker and the scheduler as
-processes, queues in a local redis-server):
+What runs (all on this machine, the small LLaVA, fp32, the split layout by default: an encode, a
+prefill and a decode worker, one torch thread each, and the scheduler, as processes, queues in a
+local redis-server):
 
 1. `prism profile` (the library call behind it) measures the stage costs of the deployed model;
    accuracy per reduction comes from a supplied file (`ACCURACY`: a random-weight model has no
@@ -18,8 +19,11 @@ processes, queues in a local redis-server):
    sequence (the box serves one request at a time at that rate; batching lets it do somewhat
    more, so "2x" overloads it somewhat less than twice).
 4. For each load L in `--loads`, the sequence's arrival times are scaled so its mean rate is L x
-   sustainable, and it is replayed open loop (each request at its time) against the deployment
-   with selection off, then against a fresh one with selection on.
+   sustainable, and it is replayed open loop (each request at its time) against three fresh
+   deployments of the same system: `admission_only` (no profile: admission's per-stage estimate
+   decides deadlines), `selection_off` (the profile with no reduction in it: the selection's
+   program decides deadlines, every request served as sent) and `selection_on` (the profile with
+   every reduction: the program reduces arrivals and reassigns queued requests).
 
 Goodput: requests that finish all their tokens within their deadline (client-measured) with the
 expected accuracy of what was served at or above their floor (the full request: 1.0), per
@@ -62,9 +66,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--max-context", type=int, default=96, help="text tokens per request, at most")
-    p.add_argument("--deadline-x", type=float, default=3.0)
+    p.add_argument("--deadline-x", type=float, default=4.0)
     p.add_argument("--loads", type=str, default="2,4")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
+    p.add_argument("--layout", choices=("colocated", "split"), default="split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--work-dir", type=Path, default=ROOT / ".bench" / "selection")
@@ -104,17 +109,19 @@ def make_profile(args) -> tuple[Path, dict]:
     profile = build_profile(args.model_dir, accuracy_file=acc, settings=CostSettings(batch_sizes=(1, 4), repeats=2))
     path = args.work_dir / "profile.json"
     save(profile, path)
+    # Selection off: the same program deciding deadlines, with no reduction to choose from.
+    save(replace(profile, accuracy={"full": profile.accuracy["full"]}), args.work_dir / "profile-full-only.json")
     took = time.perf_counter() - started
     say(f"profile: {path} in {took:.1f} s")
     costs = {s: {str(b): rnd(c.ms_per_token, 3) for b, c in per.items()} for s, per in profile.costs.items()}
-    return path, {"wall_s": round(took, 1), "ms_per_token": costs, "accuracy_supplied": ACCURACY}
+    return args.work_dir, {"wall_s": round(took, 1), "ms_per_token": costs, "accuracy_supplied": ACCURACY}
 
 
 def deployment(args, name: str, profile: Path | None):
     from prism.launch import Deployment, DeploymentOptions
 
     sched = ["--selection-profile", str(profile)] if profile is not None else []
-    options = DeploymentOptions(model_dir=args.model_dir, layout="colocated", placement="colocated",
+    options = DeploymentOptions(model_dir=args.model_dir, layout=args.layout, placement=args.layout,
                                 threads=args.threads, slots=16, max_len=2048, log_dir=args.work_dir / "logs" / name,
                                 extra_args={"scheduler": sched})
     return Deployment(options)
@@ -224,7 +231,8 @@ def run_mode(args, name: str, profile: Path | None, seq: list, prompts: Prompts,
                            wall_s=round(time.perf_counter() - started, 1))
             summary["per_request"] = [
                 {k: (rnd(v, 1) if isinstance(v, float) else v) for k, v in r.items()
-                 if k in ("index", "images", "floor", "deadline_ms", "code", "e2e_ms", "strategy", "accuracy")}
+                 if k in ("index", "images", "floor", "deadline_ms", "code", "e2e_ms", "strategy", "accuracy")
+                 or (k == "message" and r["code"] != "OK")}
                 for r in results]
             out[f"{load:g}x"] = summary
             say(f"{name} {load:g}x: good {summary['good']}/{summary['requests']}, goodput "
@@ -246,16 +254,20 @@ def main(argv=None) -> None:
     seq, meta = sequence(args)
     prompts = Prompts(args.model_dir, args.seed)
     profile, profile_meta = make_profile(args)
-    off, idle = run_mode(args, "selection_off", None, seq, prompts, None, loads)
-    on, _ = run_mode(args, "selection_on", profile, seq, prompts, idle, loads)
+    admission, idle = run_mode(args, "admission_only", None, seq, prompts, None, loads)
+    off, _ = run_mode(args, "selection_off", profile / "profile-full-only.json", seq, prompts, idle, loads)
+    on, _ = run_mode(args, "selection_on", profile / "profile.json", seq, prompts, idle, loads)
     mean_s = statistics.fmean(idle[r.num_images] for r, _ in seq)
     report = {
         "benchmark": "deadline-driven modality selection (issue 4)",
-        "model": "llava small (fp32), one all-stage worker, 2 threads",
+        "model": "llava small (fp32)", "layout": args.layout, "threads_per_worker": args.threads,
         "sequence": meta, "profile": profile_meta,
         "calibration": {"idle_e2e_ms_by_images": {str(k): rnd(v * 1000, 1) for k, v in idle.items()},
                         "sustainable_rate_per_s": round(1 / mean_s, 3), "deadline_x": args.deadline_x},
-        "selection_off": off, "selection_on": on, "ratios": {},
+        "modes": {"admission_only": "no profile: admission's per-stage estimate decides deadlines",
+                  "selection_off": "the profile with no reduction: the program decides deadlines, inputs as sent",
+                  "selection_on": "the profile with every reduction: the program reduces and reassigns"},
+        "admission_only": admission, "selection_off": off, "selection_on": on, "ratios": {},
     }
     for load in loads:
         key = f"{load:g}x"
@@ -266,6 +278,8 @@ def main(argv=None) -> None:
             if a["jct_mean_ms"] and b["jct_mean_ms"] else None,
             "jct_p99_off_over_on": round(b["jct_p99_ms"] / a["jct_p99_ms"], 3)
             if a["jct_p99_ms"] and b["jct_p99_ms"] else None,
+            "goodput_on_over_admission_only": round(a["goodput_per_s"] / admission[key]["goodput_per_s"], 3)
+            if admission[key]["goodput_per_s"] else None,
         }
     best = max((r["goodput_on_over_off"] or 0) for r in report["ratios"].values())
     report["goal"] = {"mosel_goodput_x": MOSEL_GOODPUT_X, "best_goodput_x": best, "beats_mosel": best > MOSEL_GOODPUT_X}

@@ -434,12 +434,17 @@ def candidates(adapter: FamilyAdapter, processor: Any, media: Media, allowed: Al
     """
     if not allowed.allows_any or not media:
         return [FULL]
+    per_item = _item_tokens(adapter, processor, apply(adapter, processor, media, FULL))
     measured = []
     for reduction in _options(adapter, processor, media, allowed):
-        tokens = _item_tokens(adapter, processor, apply(adapter, processor, media, reduction))
+        reduced = apply(adapter, processor, media, reduction)
+        if reduction.image_scale == 1.0 and reduction.audio_seconds is None:
+            tokens = [per_item[i] for i in reduced.kept]  # items unchanged: an item's tokens are its own
+        else:
+            tokens = _item_tokens(adapter, processor, reduced)
         if all(t >= 1 for t in tokens):
             measured.append((sum(tokens), reduction))
-    full = sum(_item_tokens(adapter, processor, apply(adapter, processor, media, FULL)))
+    full = sum(per_item)
     out, last = [FULL], full
     for tokens, reduction in sorted(measured, key=lambda tr: -tr[0]):  # stable: ties keep offer order
         if tokens < last:

@@ -2,6 +2,7 @@
 file (prism/profiling/schema.py), and summarise it for people."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ from prism.profiling.accuracy import evaluate, file_sha256, load_accuracy_file, 
 from prism.profiling.cost import CostSettings, measure_costs
 from prism.profiling.engines import Engines
 from prism.profiling.schema import STAGES, AccuracySource, ModelInfo, Profile
+from prism.profiling.tables import build_tables
 
 __all__ = ["build_profile", "summary_tables"]
 
@@ -38,7 +40,10 @@ def build_profile(model_dir: str | Path, *, eval_path: str | Path | None = None,
     costs = measure_costs(engines, settings)
     model = ModelInfo(name=Path(model_dir).name, family=engines.adapter.family, dtype=dtype,
                       device=engines.device)
-    return Profile(model=model, costs=costs, accuracy=accuracy, source=source, settings=settings.as_dict())
+    profile = Profile(model=model, costs=costs, accuracy=accuracy, source=source, settings=settings.as_dict())
+    tables = build_tables(profile, engines.adapter, engines.processor, image_side=settings.image_side,
+                          seed=settings.seed)
+    return dataclasses.replace(profile, tables=tables)
 
 
 def summary_tables(profile: Profile) -> list[Any]:
@@ -66,4 +71,14 @@ def summary_tables(profile: Profile) -> list[Any]:
         acc.add_row(rid, f"{e.accuracy:.3f}", "-" if e.n is None else str(e.n))
     if not profile.accuracy:
         acc.add_row("(none: pass --eval or --accuracy-file)", "", "")
-    return [costs, acc]
+    out = [costs, acc]
+    t = profile.tables
+    if t:
+        table = Table(title=f"cheapest strategy meeting each floor ({t['decode_tokens']} tokens generated)")
+        table.add_column(t["size"])
+        for floor in t["floors"]:
+            table.add_column(f">= {floor:g}")
+        for size, row in t["rows"].items():
+            table.add_row(size, *[row.get(f"{floor:g}") or "-" for floor in t["floors"]])
+        out.append(table)
+    return out

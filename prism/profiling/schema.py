@@ -248,6 +248,10 @@ class Profile:
     source: AccuracySource | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     version: int = VERSION
+    tables: Mapping[str, Any] = field(default_factory=dict)
+    """Offline strategy tables (prism/profiling/tables.py; optional): ``size`` ("images" or
+    "audio_seconds"), ``floors``, ``decode_tokens`` and ``rows`` {size: {floor: the cheapest
+    reduction id meeting it, or None}}."""
 
     def __post_init__(self) -> None:
         if self.version != VERSION:
@@ -263,6 +267,7 @@ class Profile:
             raise ProfileError("accuracy.full", "missing: accuracies must include the full input's")
         object.__setattr__(self, "accuracy", MappingProxyType(acc))
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+        object.__setattr__(self, "tables", _check_tables(self.tables))
 
     # ---- reading it ----------------------------------------------------------------------
     def batch_sizes(self, stage: str) -> list[int]:
@@ -313,12 +318,13 @@ class Profile:
             "accuracy": {rid: e.as_dict() for rid, e in self.accuracy.items()},
             "source": None if self.source is None else self.source.as_dict(),
             "settings": dict(self.settings),
+            "tables": {k: v for k, v in self.tables.items()},
         }
 
     @classmethod
     def from_dict(cls, d: Any) -> "Profile":
         d = _mapping(d, "profile")
-        _no_extra(d, ("version", "model", "costs", "accuracy", "source", "settings"), "")
+        _no_extra(d, ("version", "model", "costs", "accuracy", "source", "settings", "tables"), "")
         version = _get(d, "version", "")
         if version != VERSION:
             raise ProfileError("version", f"{version!r} is not supported; this Prism reads version {VERSION}")
@@ -341,7 +347,28 @@ class Profile:
         source_raw = _get(d, "source", "")
         source = None if source_raw is None else AccuracySource.from_dict(source_raw)
         settings = _mapping(_get(d, "settings", ""), "settings")
-        return cls(model=model, costs=costs, accuracy=accuracy, source=source, settings=dict(settings))
+        tables = _mapping(d.get("tables", {}), "tables")
+        return cls(model=model, costs=costs, accuracy=accuracy, source=source, settings=dict(settings),
+                   tables=dict(tables))
+
+
+def _check_tables(t: Mapping[str, Any]) -> Mapping[str, Any]:
+    t = _mapping(t, "tables")
+    if not t:
+        return MappingProxyType({})
+    _no_extra(t, ("size", "floors", "decode_tokens", "rows"), "tables")
+    if t.get("size") not in ("images", "audio_seconds"):
+        raise ProfileError("tables.size", f"{t.get('size')!r} is not images or audio_seconds")
+    floors = t.get("floors")
+    if not isinstance(floors, (list, tuple)) or not all(isinstance(f, (int, float)) and 0 <= f <= 1 for f in floors):
+        raise ProfileError("tables.floors", "must be a list of numbers in [0, 1]")
+    rows = _mapping(t.get("rows"), "tables.rows")
+    for size, row in rows.items():
+        for floor, rid in _mapping(row, f"tables.rows.{size}").items():
+            if rid is not None:
+                check_reduction_id(rid, f"tables.rows.{size}.{floor}")
+    return MappingProxyType({"size": t["size"], "floors": list(floors), "decode_tokens": int(t.get("decode_tokens", 0)),
+                             "rows": {str(k): dict(v) for k, v in rows.items()}})
 
 
 def load(path: str | Path) -> Profile:

@@ -8,6 +8,7 @@ import asyncio
 import collections
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class DecodeWorker:
         self.queue, self.engine, self.compute = queue, engine, compute
         self.peers = peers or LocalPeers()
         self._generated: dict[str, int] = {}  # tokens published per request (the first counts)
+        self._compute_s: dict[str, float] = {}  # each request's share of its steps' compute
         #: Active requests per step, most recent last (for tests and the admin view).
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
         self.channel_for = channel_for
@@ -222,14 +224,17 @@ class DecodeWorker:
         try:
             if finish is not None:
                 self._generated.pop(rid, None)
+                # compute_ms: its share of the steps it was in (a batched step split evenly)
                 return await self.queue.set_state(rid, TaskState.DONE, tokens=tokens, index=index,
-                                                  finish=int(FINISH_TO_PROTO[finish]), worker=self.name)
+                                                  finish=int(FINISH_TO_PROTO[finish]), worker=self.name,
+                                                  compute_ms=self._compute_s.pop(rid, 0.0) * 1000)
             live = not tokens or await self.queue.set_state(rid, TaskState.RUNNING, tokens=tokens, index=index)
         except UnknownTask:  # the task record is gone (expired or the queue was wiped)
             live = False
         if not live:
             # The task ended elsewhere (cancelled by the scheduler): free its slot at once.
             self._generated.pop(rid, None)
+            self._compute_s.pop(rid, None)
             self._cancelled.add(rid)
             self._work.set()
         return live
@@ -267,6 +272,11 @@ class DecodeWorker:
             log.error("could not fail %s: %s", rid, again)
 
     # ---- the batch ---------------------------------------------------------------------
+    def _timed_step(self):
+        started = time.perf_counter()
+        events = self.engine.step()
+        return events, time.perf_counter() - started
+
     async def _step_loop(self) -> None:
         while True:
             if self._cancelled:
@@ -281,7 +291,7 @@ class DecodeWorker:
                 await self._work.wait()
                 continue
             try:
-                events = await self.compute.run(self.engine.step)
+                events, step_s = await self.compute.run(self._timed_step)
             except Exception as exc:
                 log.exception("decode step failed")
                 for rid in self.engine.active_ids():
@@ -291,7 +301,8 @@ class DecodeWorker:
                 self._slot_freed.set()
                 continue
             self.batch_sizes.append(len(events))
-            for event in events:
+            for event in events:  # each request's share of the step's compute
+                self._compute_s[event.request_id] = self._compute_s.get(event.request_id, 0.0) + step_s / len(events)
                 self._emit(event.request_id, event)
                 self._outbox.put_nowait(event)
                 if event.finish is not None:

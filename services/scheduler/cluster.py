@@ -93,6 +93,10 @@ class Cluster:
             self._profiles.setdefault((instance, stage), collections.deque(maxlen=self._profile_window)).append(
                 (tokens, seconds))
 
+    def samples(self, instance: str, stage: str) -> list[tuple[int, float]]:
+        """The recent (tokens, seconds) measured of `stage` on `instance`, oldest first."""
+        return list(self._profiles.get((instance, stage), ()))
+
     def profiled(self, instance: str, stage: str) -> float:
         samples = self._profiles.get((instance, stage))
         return capacity_from_profile(list(samples)) if samples else 0.0

@@ -330,9 +330,14 @@ class Pipeline:
                     break
             if not finish:
                 raise StageError(grpc.StatusCode.INTERNAL, "decode ended without a finish reason")
-            # Decode throughput of that instance at its current batch (tokens of all its slots).
-            batch = max(1, self.cluster.book.slots_used(decode_inst.name) + 1)
-            self.cluster.record(decode_inst.name, "decode", decoded * batch, time.perf_counter() - decode_started)
+            # Decode throughput of that instance at the batches it ran in: its tokens over its share
+            # of the steps' compute (reported by the worker), else over the wall time at the batch.
+            share_s = float(event.detail.get("compute_ms", 0.0)) / 1000 if event.state is TaskState.DONE else 0.0
+            if share_s > 0:
+                self.cluster.record(decode_inst.name, "decode", decoded, share_s)
+            else:
+                batch = max(1, self.cluster.book.slots_used(decode_inst.name) + 1)
+                self.cluster.record(decode_inst.name, "decode", decoded * batch, time.perf_counter() - decode_started)
         self.placements[progress.placement] = self.placements.get(progress.placement, 0) + 1
         yield self._final(adm, progress, text, finish)
 

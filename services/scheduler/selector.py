@@ -7,11 +7,16 @@ not started, every candidate strategy (`prism.models.reduce` candidates, measure
 the processor when it arrived, with the accuracy `prism profile` measured for it; those below
 the caller's floor are not offered, the full request always is).
 
-* **An arrival** that admission refuses (RESOURCE_EXHAUSTED) is fitted by `fit`: the program
-  picks its strategy and reassigns the queued, not-yet-encoded jobs so that every deadline is met,
-  maximising total expected accuracy; or it is refused before any work is spent on it, naming
-  the deadlines that would be missed. (Without a deadline only its own reductions are tried,
-  most accurate first, through admission: a TTFT target.)
+* **An arrival** with a deadline is decided by the program (`admit`): it picks the arrival's
+  strategy and reassigns the queued, not-yet-encoded jobs so that every deadline is met,
+  maximising total expected accuracy; or the arrival is refused before any work is spent on it,
+  naming the deadlines that would be missed. The program's model (the queue served in arrival
+  order within a priority, since stages do not preempt, at the measured stage capacities, the
+  stages of every request in series) is conservative: exact at best for stages sharing one
+  device, an upper bound for split ones; it replaces admission's deadline estimate
+  when selection is on, while admission still applies the limits, back-pressure, placement and
+  a TTFT target (there, and for requests without a deadline, only the request's own reductions
+  are tried, most accurate first).
 * **A slow stage**: every `every_s` the queue is checked against the measured stage capacities
   (`tick`); when a deadline is at risk, the reassignable jobs are reassigned the same way (a
   job late even on its cheapest strategy is put on it, and constrains no one).
@@ -30,7 +35,6 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,25 +55,21 @@ MAX_CHANGES = 3
 
 @dataclass(frozen=True)
 class Option:
-    """One strategy of a request and its inputs prepared exactly as an unreduced request's."""
+    """One strategy of a request: its work (media tokens exact, prompt tokens estimated from the
+    full prompt) and the reduction (None for the full request)."""
 
     strategy: Strategy
-    prompt: Any  # PreparedPrompt
-    reduction: Any  # prism.models.reduce.Reduction; None for the full request
+    reduction: Any  # prism.models.reduce.Reduction
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A request whose inputs may be reduced: the request as sent and its options by strategy id."""
+    """A request whose inputs may be reduced: the request as sent and its options by strategy id;
+    the inputs of an option are prepared when it is chosen (`Selector.served_as`)."""
 
     adm: Admitted
     options: dict[str, Option]
-
-    def admitted(self, strategy_id: str) -> Admitted:
-        """The request served with `strategy_id`."""
-        opt = self.options[strategy_id]
-        return dataclasses.replace(self.adm, prompt=opt.prompt, reduction=opt.reduction,
-                                   expected_accuracy=opt.strategy.accuracy)
+    prepared: dict[str, Admitted] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -111,23 +111,42 @@ class Selector:
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._options, adm)
 
     def _options(self, adm: Admitted) -> Entry:
-        from prism.models.reduce import candidates, prepare_reduced, prompt_cost
+        from prism.models.reduce import candidates, media_tokens
 
         adapter, processor = adm.model.adapter, adm.model.processor
-        prepared = {}
+        full = _full_cost(adm.prompt)
+        per_item = [i.num_tokens for i in adm.prompt.items]
+        reductions, costs = {}, []
         for r in candidates(adapter, processor, list(adm.media), adm.allowed):
-            prepared[r.id] = (adm.prompt, None) if r.is_full else (
-                prepare_reduced(adapter, processor, adm.source, list(adm.media), r,
-                                add_generation_prompt=adm.add_generation_prompt).prompt, r)
-        costs = [prompt_cost(prompt, r) if r is not None else _full_cost(prompt) for prompt, r in prepared.values()]
+            if r.is_full:
+                media = full["media_tokens"]
+            elif r.image_scale == 1.0 and r.audio_seconds is None:  # drops: the kept items' own tokens
+                media = sum(per_item[i] for i in r.kept([m for m, _ in adm.media]))
+            else:
+                media = media_tokens(adapter, processor, list(adm.media), r)
+            reductions[r.id] = None if r.is_full else r
+            costs.append({"reduction": r.id, "media_tokens": media,
+                          "prompt_tokens": full["prompt_tokens"] - full["media_tokens"] + media})
         strategies = {s.id: s for s in self.profile.strategies_for(costs, decode_tokens=adm.max_new_tokens)}
         if FULL not in strategies:  # no accuracy profiled for it: the request as sent is the reference
-            c = _full_cost(adm.prompt)
-            strategies[FULL] = Strategy(FULL, 1.0, encode_tokens=c["media_tokens"], prefill_tokens=c["prompt_tokens"],
-                                        decode_tokens=adm.max_new_tokens)
-        options = {sid: Option(s, *prepared[sid]) for sid, s in strategies.items()
+            strategies[FULL] = Strategy(FULL, 1.0, encode_tokens=full["media_tokens"],
+                                        prefill_tokens=full["prompt_tokens"], decode_tokens=adm.max_new_tokens)
+        options = {sid: Option(s, reductions.get(sid)) for sid, s in strategies.items()
                    if sid == FULL or s.accuracy >= adm.accuracy_floor}
         return Entry(adm, options)
+
+    async def served_as(self, entry: Entry, strategy_id: str) -> Admitted:
+        """The request served with `strategy_id`, its inputs prepared exactly as an unreduced
+        request's (off the event loop; once per option)."""
+        if strategy_id not in entry.prepared:
+            opt = entry.options[strategy_id]
+            if opt.reduction is None:
+                adm = dataclasses.replace(entry.adm, reduction=None, expected_accuracy=opt.strategy.accuracy)
+            else:
+                adm = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, _reduced, entry.adm, opt.reduction, opt.strategy.accuracy)
+            entry.prepared[strategy_id] = adm
+        return entry.prepared[strategy_id]
 
     def accepted(self, adm: Admitted, entry: Entry | None, progress: Progress | None = None) -> Progress:
         """Follow a request from its acceptance to its end (`finished`)."""
@@ -144,7 +163,9 @@ class Selector:
 
     # ---- the program's view ------------------------------------------------------------
     def capacity(self) -> dict[str, float]:
-        """Tokens/s per stage over the live, non-draining instances (measured where profiled)."""
+        """Tokens/s per stage over the live, non-draining instances, as measured live (decode:
+        tokens over each request's share of its batched steps, the batch's throughput) or
+        assumed until measured."""
         cap: dict[str, float] = {}
         for inst in self.pipeline.cluster.instances:
             if not inst.draining:
@@ -175,15 +196,11 @@ class Selector:
         return out
 
     def order(self, jobs: list[Job]) -> list[str]:
-        """The serving order the program assumes: requests a worker has begun first (they hold
-        their stage), then as the stage queues serve: priority, earliest deadline, arrival."""
-        def key(job: Job):
-            progress = self.served.get(job.request_id)
-            begun = progress is not None and (progress.encode_started or progress.encode_ms > 0
-                                              or progress.first_at is not None)
-            return (not begun, -job.priority, job.deadline if job.deadline is not None else math.inf, job.seq)
-
-        return [j.request_id for j in sorted(jobs, key=key)]
+        """The serving order the program assumes: arrival order, within a priority class. The
+        stages do not preempt (a task a worker took, and a batch it formed, run to the end), so
+        on a busy worker an arrival does not overtake work accepted before it, whatever its
+        deadline: ordering by deadline would promise it a finish the worker does not give."""
+        return [j.request_id for j in sorted(jobs, key=lambda j: (-j.priority, j.seq))]
 
     def _new_job(self, adm: Admitted, entry: Entry | None) -> Job:
         seq = len(self.served)
@@ -205,30 +222,46 @@ class Selector:
             del self.stats.decision_s[:-1000]
 
     # ---- arrivals ----------------------------------------------------------------------
-    async def fit(self, adm: Admitted, entry: Entry | None, refusal: StageError) -> Admitted:
-        """The arrival refused by admission as sent, accepted with the strategy the program gives
-        it (queued jobs reassigned), or StageError(RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED)."""
+    async def admit(self, adm: Admitted, entry: Entry | None) -> Admitted:
+        """An arrival: accepted with the strategy the program gives it (queued requests
+        reassigned as it says), or StageError (RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED, naming the
+        deadlines missed). The program decides its deadline; admission still applies the
+        limits, back-pressure, placement and a TTFT target (where the request's own reductions
+        are tried, most accurate first)."""
+        if adm.deadline is None:
+            return await self._admit_plainly(adm, entry)
         async with self._lock:
             capacity = self.capacity()
-            if adm.deadline is None or not capacity:
-                return self._accept(await self._own_reductions(adm, entry, refusal), entry)
+            if not capacity:
+                return await self._admit_plainly(adm, entry)
             now, jobs, new = time.time(), self.jobs(), self._new_job(adm, entry)
             decision = await self._solve(admit_with_selection, jobs, new, now, capacity,
                                          order=self.order([*jobs, new]), time_limit_s=self.time_limit_s)
             if not decision.ok:
                 self.stats.refused += 1
                 raise StageError(getattr(grpc.StatusCode, decision.code),
-                                 f"{refusal.message}; {decision.message} (selection.accuracy_floor "
+                                 f"slo.deadline_ms: {decision.message} (selection.accuracy_floor "
                                  f"{adm.accuracy_floor:g})", retry_after_s=decision.retry_after_s)
-            if decision.strategy == FULL and not decision.changed:
-                # The program fits it as sent where admission's estimate does not: admission stands;
-                # only the request's own reductions may still fit it.
-                return self._accept(await self._own_reductions(adm, entry, refusal), entry)
-            candidate = entry.admitted(decision.strategy) if entry is not None else adm
-            self.pipeline.admit(candidate, check_deadline=False)  # limits and placement
+            candidate = await self.served_as(entry, decision.strategy) if entry is not None else adm
+            try:
+                self.pipeline.admit(candidate, check_deadline=False)
+            except StageError as exc:
+                if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                return self._accept(await self._own_reductions(adm, entry, exc), entry)
             await self._apply({rid: decision.assignment.choice[rid] for rid in decision.changed})
-            self.stats.fitted += 1
+            if decision.strategy != FULL or decision.changed:
+                self.stats.fitted += 1
             return self._accept(candidate, entry)
+
+    async def _admit_plainly(self, adm: Admitted, entry: Entry | None) -> Admitted:
+        try:
+            self.pipeline.admit(adm)
+        except StageError as exc:
+            if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            return self._accept(await self._own_reductions(adm, entry, exc), entry)
+        return self._accept(adm, entry)
 
     def _accept(self, adm: Admitted, entry: Entry | None) -> Admitted:
         self.accepted(adm, entry)
@@ -240,7 +273,7 @@ class Selector:
             (o for sid, o in entry.options.items() if sid != FULL),
             key=lambda o: (-o.strategy.accuracy, o.strategy.encode_tokens + o.strategy.prefill_tokens, o.strategy.id))
         for opt in options:
-            candidate = entry.admitted(opt.strategy.id)
+            candidate = await self.served_as(entry, opt.strategy.id)
             try:
                 self.pipeline.admit(candidate)
             except StageError:
@@ -263,7 +296,10 @@ class Selector:
             progress, entry = self.served.get(rid), self.entries.get(rid)
             if progress is None or entry is None or sid not in entry.options or not self._reassignable(rid, progress):
                 continue
-            progress.reassigned = entry.admitted(sid)
+            target = await self.served_as(entry, sid)
+            if not self._reassignable(rid, progress):  # it began while its inputs were prepared
+                continue
+            progress.reassigned = target
             encodes = [(t, inst) for t, (stage, inst) in progress.tasks.items() if stage == "encode"]
             taken = 0
             for task_id, inst in encodes:
@@ -353,16 +389,22 @@ def reduction_json(adm: Admitted) -> str:
     return json.dumps(adm.reduction.as_dict()) if adm.reduction is not None else ""
 
 
+def _reduced(adm: Admitted, reduction: Any, accuracy: float) -> Admitted:
+    """`adm` with `reduction` applied, prepared exactly as an unreduced request."""
+    from prism.models.reduce import prepare_reduced
+
+    done = prepare_reduced(adm.model.adapter, adm.model.processor, adm.source, list(adm.media), reduction,
+                           add_generation_prompt=adm.add_generation_prompt)
+    return dataclasses.replace(adm, prompt=done.prompt, reduction=reduction, expected_accuracy=accuracy)
+
+
 def with_stored_reduction(adm: Admitted, text: str, accuracy: float) -> Admitted:
     """A taken-over request with the reduction chosen when it was accepted."""
     if not text:
         return adm
-    from prism.models.reduce import Reduction, prepare_reduced
+    from prism.models.reduce import Reduction
 
-    reduction = Reduction.from_dict(json.loads(text))
-    done = prepare_reduced(adm.model.adapter, adm.model.processor, adm.source, list(adm.media), reduction,
-                           add_generation_prompt=adm.add_generation_prompt)
-    return dataclasses.replace(adm, prompt=done.prompt, reduction=reduction, expected_accuracy=accuracy)
+    return _reduced(adm, Reduction.from_dict(json.loads(text)), accuracy)
 
 
 __all__ = ["MAX_CHANGES", "Entry", "Option", "Selector", "Stats", "reduction_json", "reductions_proto",

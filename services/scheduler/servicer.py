@@ -70,17 +70,13 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                     yield message
                 return
         adm = await self._admit(request, context)
-        entry = await self.selector.prepare(adm)  # its reductions, when its caller allowed some
         try:
-            self.pipeline.admit(adm)
-            self.selector.accepted(adm, entry)
+            if self.selector.enabled:  # its inputs or queued requests' may be reduced to fit it
+                adm = await self.selector.admit(adm, await self.selector.prepare(adm))
+            else:
+                self.pipeline.admit(adm)
         except StageError as exc:
-            if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or not self.selector.enabled:
-                await self._abort(context, exc)
-            try:  # reduce its inputs or queued requests' within what their callers allowed
-                adm = await self.selector.fit(adm, entry, exc)
-            except StageError as refused:
-                await self._abort(context, refused)
+            await self._abort(context, exc)
         stored = stages_pb2.StoredRequest(reduction=reduction_json(adm), expected_accuracy=adm.expected_accuracy or 0.0)
         stored.request.CopyFrom(request)
         stored.request.request_id = adm.request_id

@@ -161,3 +161,23 @@ async def test_admin_lists_requests_and_drains_a_worker(tiny_models, oracle):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await c.admin.DrainWorker(admin_pb2.DrainWorkerRequest(name="nobody"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_decode_is_profiled_by_each_requests_share_of_its_batched_steps(tiny_models, oracle):
+    """Decode capacity is measured as tokens over the request's share of the steps it was in
+    (the worker's compute, split evenly over the batch), not over the wall time of its stream."""
+    async with LocalCluster(tiny_models["llava"], [("prefill",), ("decode",)], slots=4) as c:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await asyncio.gather(*(collect(c.stub, chat(f"share {i}", [], 7)) for i in range(3)))
+        wall = loop.time() - started
+        decoder = c.named(("decode",))[0]
+        samples = c.parts["cluster"].samples(decoder, "decode")
+        # one sample per request; the first token comes from prefill
+        assert sorted(n for n, _ in samples) == sorted(len(t) - 1 for t, _ in results) and len(samples) == 3
+        worker = c.worker(decoder, "decode")
+        assert max(worker.batch_sizes) > 1
+        # three requests shared batched steps: their shares add up to less than the wall time
+        assert 0 < sum(s for _, s in samples) < wall
+        for (tokens, _), i in zip(results, range(3)):
+            assert tokens == oracle.chat(f"share {i}", [], 7)

@@ -154,8 +154,9 @@ async def _until(predicate, timeout: float = 10.0) -> None:
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_an_arrival_reassigns_a_queued_request_not_yet_encoded(tiny_models, oracle, profile, backend, redis_url):
     """R0 is being encoded (the encoder is held); R1 (allows dropping an image) waits in the encode
-    queue; R2 (allows nothing, tighter deadline) fits only if R1 drops an image: R1 is reassigned,
-    R0 is never touched, all three are exact on the inputs they were served with."""
+    queue; R2 (allows nothing), queued behind both, fits its deadline only if R1 drops an image
+    (at 50 tokens/s: 1.33 s + 2.65 s + 2.65 s > 6 s, 1.33 s + 1.35 s + 2.65 s < 6 s): R1 is
+    reassigned, R0 is never touched, all three are exact on the inputs they were served with."""
     import asyncio
 
     layout = [("encode",), ("prefill",), ("decode",)]
@@ -172,7 +173,7 @@ async def test_an_arrival_reassigns_a_queued_request_not_yet_encoded(tiny_models
         await _until(lambda: len(selector.served) == 2 and all(p.tasks for p in selector.served.values()))
         jobs = {j.request_id: j for j in selector.jobs()}
         assert sorted(j.reassignable for j in jobs.values()) == [False, True]  # R0 began: fixed
-        t2 = asyncio.create_task(collect(c.stub, _two_images("third", (93, 94), 4800, allow=False)))
+        t2 = asyncio.create_task(collect(c.stub, _two_images("third", (93, 94), 6000, allow=False)))
         await _until(lambda: selector.stats.reassigned == 1)
         gate.set()
         (tok0, last0), (tok1, last1), (tok2, last2) = await asyncio.gather(t0, t1, t2)

@@ -148,7 +148,7 @@ def test_profile_round_trips(profile, tmp_path, eval_set):
     assert back == profile and back.as_dict() == profile.as_dict()
     raw = json.loads(out.read_text())
     assert raw["version"] == 1 and set(raw["costs"]["decode"]) == {"1", "2", "3"}
-    assert len(summary_tables(profile)) == 2
+    assert len(summary_tables(profile)) == 3  # costs, accuracy, strategy table
 
 
 def _bad(d: dict, tmp_path, want_field: str):
@@ -227,6 +227,7 @@ def test_accuracy_file(llava, tiny_models, tmp_path):
     prof = build_profile(tiny_models["llava"], accuracy_file=good, settings=CostSettings(
         batch_sizes=(1,), image_side=32, prompt_tokens=8, decode_context=8, warmup=0, repeats=1), engines=llava)
     assert prof.source.kind == "file" and prof.source.examples is None and dict(prof.accuracy) == acc
+    _check_tables(prof, llava)
     for bad, field in (({"drop:image": 0.3}, "acc.json.full"), ({"full": 1.2}, "acc.json.full.accuracy"),
                        ({"full": 0.5, "bogus": 0.1}, "acc.json.bogus"), ({"full": "high"}, "acc.json.full.accuracy")):
         good.write_text(json.dumps(bad))
@@ -296,3 +297,31 @@ def test_qwen2_vl_downscale_accuracy(tiny_models, tmp_path):
         want = _norm(engine_output(engines, ex, N_NEW, next(
             r for r in candidates(engines.adapter, engines.processor, ex.media, ALL) if r.id == rid))) == _norm(answer)
         assert result.accuracy[rid] == AccuracyEntry(float(want), 1)
+
+
+def _check_tables(prof, engines):
+    """The offline table equals exhaustive search: for each size (images) and floor, the least
+    work strategy (profiled ms per token at batch 1) among the candidates at or above the floor."""
+    import dataclasses
+
+    from prism.models.reduce import candidates, cost
+    from prism.profiling.tables import _EVERYTHING, _media, build_tables
+
+    t = prof.tables
+    assert t["size"] == "images" and t["floors"] == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert list(t["rows"]) == [str(k) for k in range(1, 9)]
+    adapter, processor = engines.adapter, engines.processor
+    for size in (1, 2, 3):
+        media = _media(adapter, processor, size, prof.settings["image_side"], prof.settings["seed"])
+        text = " ".join(adapter.media_placeholder(m) for m, _ in media) + " Describe it."
+        strategies = prof.strategies_for([cost(adapter, processor, text, media, r)
+                                          for r in candidates(adapter, processor, media, _EVERYTHING)],
+                                         t["decode_tokens"], batch=1)
+        for floor in t["floors"]:
+            ok = [s for s in strategies if s.accuracy >= floor]
+            best = min(ok, key=lambda s: (s.seconds(), -s.accuracy)).id if ok else None
+            assert t["rows"][str(size)][f"{floor:g}"] == best, (size, floor)
+    assert t["rows"]["1"]["1"] is None and t["rows"]["1"]["0.8"] == "full"  # full scores 0.8 here
+    # drop_images:2 has no accuracy here: not offered
+    assert [t["rows"]["3"][f] for f in ("0.5", "0.7", "0.8", "0.9")] == ["drop_images:1", "drop_images:1", "full", None]
+    assert build_tables(dataclasses.replace(prof, accuracy={}), adapter, processor) == {}

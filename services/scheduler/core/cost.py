@@ -8,7 +8,8 @@ pending work on it (`LoadBook`) into an `Estimate`:
   encode finishes with the slowest of them (items on different encoders run in parallel);
 * prefill: (pending + prompt tokens) / capacity, after encode (TTFT = encode + prefill);
 * decode: starts at max(TTFT, time until a slot frees) and takes max_new_tokens x per-token
-  time, where per-token time = decode_slots / decode capacity (one batch step at full batch).
+  time, where per-token time = batch / decode capacity: the batch (the requests decoding there,
+  this one included, at most decode_slots) shares the instance's measured throughput.
   With n decode tasks on an instance of S slots holding P pending tokens, a slot frees after
   about (n - S + 1) x (P / n) / capacity seconds (0 while n < S).
 
@@ -145,10 +146,12 @@ def estimate_path(
     cap = decode.capacity["decode"]
     slots = decode.decode_slots
     slot_wait_s = 0.0
+    batch = 1
     if not idle:
         n = book.slots_used(decode.name)
+        batch = min(slots, n + 1)
         if n >= slots:
             slot_wait_s = (n - slots + 1) * (book.pending("decode", decode.name) / n) / cap
-    decode_s = req.max_new_tokens * slots / cap
+    decode_s = req.max_new_tokens * batch / cap
     finish_s = max(ttft_s, slot_wait_s) + decode_s
     return Estimate(encode_s, prefill_s, ttft_s, slot_wait_s, decode_s, finish_s)

@@ -74,7 +74,7 @@ class Instance:
         return self.stages.issuperset(stages)
 
     def per_token_s(self) -> float:
-        """Seconds per generated token of one decode request (one batch step at full batch)."""
+        """Seconds per generated token of one decode request in a full batch (the most it takes)."""
         return self.decode_slots / self.capacity["decode"]
 
 
