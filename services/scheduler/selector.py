@@ -10,10 +10,10 @@ the caller's floor are not offered, the full request always is).
 * **An arrival** with a deadline is decided by the program (`admit`): it picks the arrival's
   strategy and reassigns the queued, not-yet-encoded jobs so that every deadline is met,
   maximising total expected accuracy; or the arrival is refused before any work is spent on it,
-  naming the deadlines that would be missed. The program's model (the queue served in arrival
-  order within a priority, since stages do not preempt, at the measured stage capacities, the
-  stages of every request in series) is conservative: exact at best for stages sharing one
-  device, an upper bound for split ones; it replaces admission's deadline estimate
+  naming the deadlines that would be missed. The program's model (requests a worker has begun
+  first, then the rest as the stage queues serve them, by priority and earliest deadline, at the
+  measured stage capacities, the stages of every request in series) is conservative for split
+  stages, which overlap; it replaces admission's deadline estimate
   when selection is on, while admission still applies the limits, back-pressure, placement and
   a TTFT target (there, and for requests without a deadline, only the request's own reductions
   are tried, most accurate first).
@@ -35,6 +35,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -196,11 +197,18 @@ class Selector:
         return out
 
     def order(self, jobs: list[Job]) -> list[str]:
-        """The serving order the program assumes: arrival order, within a priority class. The
-        stages do not preempt (a task a worker took, and a batch it formed, run to the end), so
-        on a busy worker an arrival does not overtake work accepted before it, whatever its
-        deadline: ordering by deadline would promise it a finish the worker does not give."""
-        return [j.request_id for j in sorted(jobs, key=lambda j: (-j.priority, j.seq))]
+        """The serving order the program assumes: requests a worker has begun first (a task a
+        worker took runs to its end: stages do not preempt), in arrival order; then the rest as
+        the stage queues serve them: priority, earliest deadline, arrival."""
+        def key(job: Job):
+            progress = self.served.get(job.request_id)
+            begun = progress is not None and (progress.encode_started or progress.encode_ms > 0
+                                              or progress.first_at is not None)
+            if begun:
+                return (0, 0, 0.0, job.seq)
+            return (1, -job.priority, job.deadline if job.deadline is not None else math.inf, job.seq)
+
+        return [j.request_id for j in sorted(jobs, key=key)]
 
     def _new_job(self, adm: Admitted, entry: Entry | None) -> Job:
         seq = len(self.served)

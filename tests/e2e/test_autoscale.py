@@ -1,5 +1,5 @@
 """Autoscaling as processes: a synthetic burst drives the decode stage's token load past its
-profiled capacity; the scheduler's desired replicas rise, `prism up`'s local supervisor starts a
+advertised capacity; the scheduler's desired replicas rise, `prism up`'s local supervisor starts a
 second decode worker (never more than the bound), and once the burst is over and the cooldown
 has passed it stops it again. Every request of the burst is answered exactly."""
 from __future__ import annotations
@@ -22,8 +22,9 @@ def test_burst_scales_decode_out_then_in_within_bounds(tiny_models, tmp_path):
     options = DeploymentOptions(
         model_dir=model_dir, threads=1, slots=4, max_len=512, log_dir=tmp_path, autoscale=True,
         min_replicas=1, max_replicas=2, heartbeat_s=0.25, worker_ttl_s=1.5,
-        extra_args={"scheduler": ["--decode-capacity", "20", "--scale-out-cooldown-s", "0",
-                                  "--scale-in-cooldown-s", "3", "--autoscale-window-s", "3"]})
+        extra_args={"decode": ["--capacity", "20"],  # advertised: the tiny model's measured rate is far higher
+                    "scheduler": ["--scale-out-cooldown-s", "0", "--scale-in-cooldown-s", "3",
+                                  "--autoscale-window-s", "3"]})
     with Deployment(options) as d:
         assert len(d.workers(("decode",))) == 1
         seen: list[int] = []
