@@ -201,7 +201,9 @@ class Deployment:
         for st in status.stages:
             stage = st.stage
             mine = self.workers((stage,))
-            hosting = st.actual_replicas
+            # the registry lags a worker just started (not yet heartbeating) or still draining:
+            # our own live processes count too, so the bound holds at every moment
+            hosting = max(st.actual_replicas, len(mine))
             want = max(o.min_replicas, min(o.max_replicas, st.desired_replicas))
             before = hosting
             while hosting < want and not self._stopping.is_set():
