@@ -46,6 +46,7 @@ __all__ = [
     "instrumented_channel",
     "setup_logging",
     "setup_tracing",
+    "record_task",
     "span_from_trace_context",
     "untraced_methods_filter",
 ]
@@ -218,6 +219,27 @@ def span_from_trace_context(
         name, context=extract_trace_context(carrier), kind=kind, attributes=dict(attributes or {})
     ) as span:
         yield span
+
+
+def record_task(stage: str, item: Any, started: float, ended: float, attributes: Mapping[str, Any] | None = None,
+                *, tracer: trace.Tracer | None = None) -> None:
+    """Records, in the trace its scheduler put in the queue message (`WorkItem.trace_context`),
+    how a stage handled one task: ``prism.queue.<stage>`` from when it was queued
+    (`WorkItem.enqueued_at`) to when the worker began it, then ``prism.<stage>`` from then to
+    its end, carrying `attributes` (batch size, token counts...). Times are Unix epoch seconds.
+    Spans are recorded after the fact, so one batched call gives each of its requests its own
+    span in its own trace. Nothing is exported unless tracing is configured."""
+    tracer = tracer or trace.get_tracer("prism")
+    parent = extract_trace_context(getattr(item, "trace_context", None))
+    base = {"prism.task_id": item.task_id, "prism.stage": stage, "prism.attempt": getattr(item, "attempt", 1)}
+    queued = float(getattr(item, "enqueued_at", 0.0) or 0.0)
+    ns = 1_000_000_000
+    if 0 < queued <= started:
+        tracer.start_span(f"prism.queue.{stage}", context=parent, kind=trace.SpanKind.CONSUMER, attributes=base,
+                          start_time=int(queued * ns)).end(end_time=int(started * ns))
+    span = tracer.start_span(f"prism.{stage}", context=parent, kind=trace.SpanKind.CONSUMER,
+                             attributes={**base, **dict(attributes or {})}, start_time=int(started * ns))
+    span.end(end_time=int(max(ended, started) * ns))
 
 
 # ---------------------------------------------------------------------------- logging

@@ -20,6 +20,7 @@ from prism.engine.sampling import Sampling
 from prism.queue.base import TaskState, UnknownTask, WorkItem, WorkQueue
 from prism.runtime.host import LocalPeers
 from prism.runtime.stagework import ComputeThread
+from prism.runtime.telemetry import record_task
 from prism.v1 import common_pb2, stages_pb2
 from prism.wire import KvReceiver, fetch_kv_method
 from services.prefill.outbox import KvFailed
@@ -49,6 +50,7 @@ class DecodeWorker:
         self.peers = peers or LocalPeers()
         self._generated: dict[str, int] = {}  # tokens published per request (the first counts)
         self._compute_s: dict[str, float] = {}  # each request's share of its steps' compute
+        self._traced: dict[str, tuple[WorkItem, float, float]] = {}  # item, began, KV import seconds
         #: Active requests per step, most recent last (for tests and the admin view).
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
         self.channel_for = channel_for
@@ -129,6 +131,7 @@ class DecodeWorker:
             if req.sampling.max_new_tokens < 1:
                 raise ImportFailed("INVALID_ARGUMENT", "sampling.max_new_tokens: must be >= 1")
             await self.queue.set_state(rid, TaskState.TRANSFERRING, worker=self.name)
+            began = time.time()
             local = self.peers.local("prefill", req.prefill_address)
             try:
                 kv_id = req.prefill_task_id or rid
@@ -145,6 +148,7 @@ class DecodeWorker:
                 code = ("RESOURCE_EXHAUSTED" if isinstance(exc, NoFreeSlot)
                         else "INVALID_ARGUMENT" if isinstance(exc, PromptTooLong) else "INTERNAL")
                 raise ImportFailed(code, str(exc)) from None
+            self._traced[rid] = (item, began, time.time() - began)
             s = req.sampling
             spec = DecodeSpec(rid, first_token, rope_delta,
                               Sampling(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, seed=s.seed),
@@ -224,10 +228,16 @@ class DecodeWorker:
         try:
             if finish is not None:
                 self._generated.pop(rid, None)
+                compute_ms = self._compute_s.pop(rid, 0.0) * 1000
+                traced = self._traced.pop(rid, None)
+                if traced is not None:
+                    record_task("decode", traced[0], traced[1], time.time(), {
+                        "prism.generated_tokens": index + len(tokens), "prism.kv_import_ms": traced[2] * 1000,
+                        "prism.compute_ms": compute_ms, "prism.finish_reason": str(finish)})
                 # compute_ms: its share of the steps it was in (a batched step split evenly)
                 return await self.queue.set_state(rid, TaskState.DONE, tokens=tokens, index=index,
                                                   finish=int(FINISH_TO_PROTO[finish]), worker=self.name,
-                                                  compute_ms=self._compute_s.pop(rid, 0.0) * 1000)
+                                                  compute_ms=compute_ms)
             live = not tokens or await self.queue.set_state(rid, TaskState.RUNNING, tokens=tokens, index=index)
         except UnknownTask:  # the task record is gone (expired or the queue was wiped)
             live = False
@@ -235,6 +245,7 @@ class DecodeWorker:
             # The task ended elsewhere (cancelled by the scheduler): free its slot at once.
             self._generated.pop(rid, None)
             self._compute_s.pop(rid, None)
+            self._traced.pop(rid, None)
             self._cancelled.add(rid)
             self._work.set()
         return live
@@ -264,6 +275,7 @@ class DecodeWorker:
         UNAVAILABLE, so that the scheduler retries it from the tokens it relayed."""
         log.error("publishing the tokens of %s failed: %s", rid, exc)
         self._generated.pop(rid, None)
+        self._traced.pop(rid, None)
         self._cancelled.add(rid)
         self._work.set()
         try:
@@ -295,6 +307,8 @@ class DecodeWorker:
             except Exception as exc:
                 log.exception("decode step failed")
                 for rid in self.engine.active_ids():
+                    self._traced.pop(rid, None)
+                    self._compute_s.pop(rid, None)
                     if await self.compute.run(self.engine.release, rid):
                         self._emit(rid, Failure("INTERNAL", f"decode step failed: {exc}"))
                         await self.queue.set_state(rid, TaskState.FAILED, code="INTERNAL", message=str(exc))

@@ -21,6 +21,7 @@ from prism.queue.base import TaskState, WorkItem, WorkQueue
 from prism.runtime.convert import item_from_info
 from prism.runtime.host import LocalPeers
 from prism.runtime.stagework import ComputeThread, HeldOutputs
+from prism.runtime.telemetry import record_task
 from prism.v1 import stages_pb2
 from prism.wire import EmbeddingsReceiver, fetch_embeddings_method
 from services.prefill.outbox import KvMeta, KvOutbox
@@ -49,6 +50,7 @@ class _Job:
     plan: PromptPlan | None = None
     outbox: KvOutbox | None = None
     transfer_ms: float = 0.0
+    began: float = 0.0  # Unix seconds when the worker began it (its embeddings' transfer)
 
     @property
     def rid(self) -> str:
@@ -162,6 +164,7 @@ class PrefillWorker:
     async def _prepare(self, job: _Job) -> None:
         """Pull the job's embeddings, plan its positions and open its KV outbox; RUNNING."""
         await self.queue.set_state(job.rid, TaskState.TRANSFERRING, worker=self.name)
+        job.began = time.time()
         started = time.perf_counter()
         job.media = await self._fetch_embeddings(job)
         job.transfer_ms = (time.perf_counter() - started) * 1000
@@ -187,7 +190,7 @@ class PrefillWorker:
         if not ready:
             return
         self.batch_sizes.append(len(ready))
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         sinks = [j.outbox.sink if j.outbox is not None else (lambda *_: None) for j in ready]
         try:
             firsts = await self.compute.run(
@@ -199,6 +202,12 @@ class PrefillWorker:
                 await self._fail(job.rid, job.outbox, StageFailure("INTERNAL", f"prefill failed: {exc}"))
             return
         compute_ms = (time.perf_counter() - started) * 1000
+        ended = time.time()
+        for job in ready:
+            record_task("prefill", job.item, job.began or wall, ended, {
+                "prism.batch_size": len(ready), "prism.prompt_tokens": job.plan.prompt_tokens,
+                "prism.media_items": len(job.items), "prism.embedding_transfer_ms": job.transfer_ms,
+                "prism.compute_ms": compute_ms})
         for job, first in zip(ready, firsts):
             if job.outbox is not None:
                 job.outbox.finish(first)

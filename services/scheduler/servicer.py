@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from prism.queue.requests import RequestRecord, RequestStore
 from prism.v1 import prism_pb2, prism_pb2_grpc, stages_pb2
@@ -77,6 +78,11 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                 self.pipeline.admit(adm)
         except StageError as exc:
             await self._abort(context, exc)
+        trace.get_current_span().set_attributes({  # the request's span (the gRPC server span)
+            "prism.request_id": adm.request_id, "prism.image_count": sum(1 for m, _ in adm.media if m == "image"),
+            "prism.audio_count": sum(1 for m, _ in adm.media if m == "audio"),
+            "prism.prompt_tokens": len(adm.prompt.input_ids), "prism.max_new_tokens": adm.max_new_tokens,
+            "prism.deadline_s": (adm.deadline - adm.arrival) if adm.deadline else 0.0})
         stored = stages_pb2.StoredRequest(reduction=reduction_json(adm), expected_accuracy=adm.expected_accuracy or 0.0)
         stored.request.CopyFrom(request)
         stored.request.request_id = adm.request_id
@@ -109,6 +115,12 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                     await self.store.append_tokens(rid, index, list(message.token_ids), message.text)
                 if message.finish_reason:  # what was served: the inputs may have been reassigned
                     message.reductions.CopyFrom(reductions_proto(progress.adm, self.selector.full_accuracy()))
+                    red = message.reductions
+                    trace.get_current_span().set_attributes({
+                        "prism.generated_tokens": len(progress.tokens), "prism.strategy": red.strategy,
+                        "prism.dropped_images": list(red.dropped_images), "prism.image_scale": red.image_scale,
+                        "prism.expected_accuracy": red.expected_accuracy, "prism.placement": progress.placement,
+                        "prism.attempts": progress.attempt, "prism.ttft_ms": message.timing.ttft_ms})
                     await self.store.finish(rid, "done", finish=int(message.finish_reason))
                 yield message
         except StageError as exc:

@@ -41,8 +41,8 @@ async def collect(stub, request) -> tuple[list[int], prism_pb2.GenerateResponse]
     return tokens, last
 
 
-def server(name: str = "") -> ServerConfig:
-    cfg = ServerConfig(port=0, otel=False, drain_grace_s=5)
+def server(name: str = "", otel: bool = False) -> ServerConfig:
+    cfg = ServerConfig(port=0, otel=otel, drain_grace_s=5)
     return replace(cfg, worker_name=name) if name else cfg
 
 
@@ -52,7 +52,7 @@ class LocalCluster:
     def __init__(self, model_dir: Path, workers: list[tuple[str, ...]], *, redis_url: str = "",
                  placement: str = "adaptive", slots: int = 2, max_len: int = 512,
                  queue: QueueOptions | None = None, policy: Policy | None = None, worker_args: dict | None = None,
-                 selection_profile: str = ""):
+                 selection_profile: str = "", otel: bool = False):
         self.model_dir = Path(model_dir)
         self.layout = list(workers)
         self.queue_options = queue or QueueOptions(redis_url=redis_url, heartbeat_s=0.2, worker_ttl_s=1.0)
@@ -60,6 +60,7 @@ class LocalCluster:
         self.slots, self.max_len = slots, max_len
         self.worker_args = worker_args or {}
         self.selection_profile = selection_profile
+        self.otel = otel  # OpenTelemetry interceptors on every server (spans go to the global provider)
         self.shared = None if self.queue_options.redis_url else Backend(self.queue_options)
         self.hosts: dict[str, WorkerHost] = {}
         self.scheduler: RunningStage | None = None
@@ -73,7 +74,7 @@ class LocalCluster:
         self._seq += 1
         name = name or f"{'+'.join(stages)}-{self._seq}"
         config = WorkerConfig(model=ModelOptions(model_dir=self.model_dir, threads=1), stages=",".join(stages),
-                              server=server(name), queue=self.queue_options, slots=self.slots, max_len=self.max_len,
+                              server=server(name, self.otel), queue=self.queue_options, slots=self.slots, max_len=self.max_len,
                               fetch_wait_s=2, **self.worker_args)
         specs: list[StageSpec] = worker_specs(config)
         host = WorkerHost(specs, config.server, self.queue_options, model_name=self.model_dir.resolve().name,
@@ -85,7 +86,7 @@ class LocalCluster:
     async def start(self) -> "LocalCluster":
         for stages in self.layout:
             await self.add_worker(stages)
-        config = SchedulerConfig(model_dir=self.model_dir, max_context=self.max_len, server=server("scheduler"),
+        config = SchedulerConfig(model_dir=self.model_dir, max_context=self.max_len, server=server("scheduler", self.otel),
                                  queue=self.queue_options, policy=self.policy, request_lease_s=2.0,
                                  selection_profile=self.selection_profile)
         self.scheduler = await start_stage(config.server, await build_scheduler(config, self.backend()),
