@@ -72,6 +72,13 @@ class ServerConfig:
     port: int = dataclasses.field(
         default=0, metadata={"help": "port to listen on; 0 picks a free one (see --port-file)"}
     )
+    advertise_host: str = dataclasses.field(
+        default="",
+        metadata={"help": "host other processes dial this one on, as registered for the scheduler "
+                          "and peers; 'auto': the address this machine's hostname resolves to (a "
+                          "container's IP in compose, the pod IP in Kubernetes); empty: the listen "
+                          "address (loopback when listening on all interfaces)"},
+    )
     port_file: Path | None = dataclasses.field(
         default=None,
         metadata={"help": "once serving, write the bound port to this file (atomically); "
@@ -203,7 +210,11 @@ class StageServer:
     @property
     def address(self) -> str:
         """``host:port`` to dial this server (loopback when listening on all interfaces)."""
-        host = self._config.host
+        host = self._config.advertise_host or self._config.host
+        if host == "auto":
+            import socket
+
+            host = socket.gethostbyname(socket.gethostname())
         if host in ("0.0.0.0", "::", "[::]"):
             host = "127.0.0.1"
         return format_address(host, self.port)
