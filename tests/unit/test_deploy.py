@@ -112,3 +112,22 @@ def test_healthcheck_probe_reports_serving_and_down(tmp_path):
 
     assert asyncio.run(scenario()) == (0, 1, 1)
     assert main([]) == 2
+
+
+def test_advertised_address_is_what_peers_dial():
+    import asyncio
+    import socket
+
+    from prism.runtime.server import ServerConfig, StageServer
+
+    async def addresses() -> list[str]:
+        out = []
+        for advertise in ("", "encoder", "auto"):
+            server = StageServer(ServerConfig(host="0.0.0.0", port=0, otel=False, advertise_host=advertise),
+                                 handle_signals=False)
+            port = await server.start()
+            out.append(server.address.replace(f":{port}", ""))
+            await server.stop()
+        return out
+
+    assert asyncio.run(addresses()) == ["127.0.0.1", "encoder", socket.gethostbyname(socket.gethostname())]
