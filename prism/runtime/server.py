@@ -96,6 +96,11 @@ class ServerConfig:
     otel: bool = dataclasses.field(
         default=True, metadata={"help": "trace incoming calls with OpenTelemetry"}
     )
+    metrics_port: int = dataclasses.field(
+        default=-1,
+        metadata={"help": "serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port; "
+                          "-1: none"},
+    )
     worker_name: str = dataclasses.field(
         default_factory=default_worker_name,
         metadata={"help": "this worker's name in responses, logs and traces "
@@ -105,6 +110,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         check(bool(self.host.strip()), "host", "must not be empty")
         check(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
+        check(-1 <= self.metrics_port <= 65535, "metrics_port", f"must be -1 (off) or in 0..65535, got {self.metrics_port}")
         check(self.max_message_bytes >= 1024, "max_message_bytes",
               f"must be at least 1024, got {self.max_message_bytes}")
         check(self.drain_grace_s >= 0, "drain_grace_s",
@@ -177,6 +183,8 @@ class StageServer:
         self._options = tuple(options)
         self._handle_signals = handle_signals
         self._server: grpc.aio.Server | None = None
+        self._metrics = None  # the Prometheus HTTP server (metrics_port >= 0)
+        self.metrics_port = 0  # its bound port
         self._health: _DrainingHealthServicer | None = None
         self._port: int | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -264,6 +272,11 @@ class StageServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server, self._health, self._port = server, health_servicer, port
+        if cfg.metrics_port >= 0:
+            from prism.runtime.metrics import serve
+
+            self._metrics, self.metrics_port = serve(cfg.metrics_port, cfg.host)
+            log.info("metrics on http://%s/metrics", format_address(cfg.host, self.metrics_port))
         if self._handle_signals:  # before the port file: whoever reads it may SIGTERM us
             self._install_signal_handlers()
         if cfg.port_file is not None:
@@ -296,10 +309,18 @@ class StageServer:
         self._health.close_watches()
         await self._server.stop(grace)
         self._remove_signal_handlers()
+        self._stop_metrics()
+
+    def _stop_metrics(self) -> None:
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+            self._metrics = None
 
     async def wait(self) -> None:
         """Returns once the server has stopped (and the drain, if any, has finished)."""
         await self.server.wait_for_termination()
+        self._stop_metrics()
         task = self._drain_task
         if task is not None:
             try:

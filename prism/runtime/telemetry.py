@@ -222,17 +222,21 @@ def span_from_trace_context(
 
 
 def record_task(stage: str, item: Any, started: float, ended: float, attributes: Mapping[str, Any] | None = None,
-                *, tracer: trace.Tracer | None = None) -> None:
+                *, instance: str = "", tokens: int = 0, tracer: trace.Tracer | None = None) -> None:
     """Records, in the trace its scheduler put in the queue message (`WorkItem.trace_context`),
     how a stage handled one task: ``prism.queue.<stage>`` from when it was queued
     (`WorkItem.enqueued_at`) to when the worker began it, then ``prism.<stage>`` from then to
     its end, carrying `attributes` (batch size, token counts...). Times are Unix epoch seconds.
     Spans are recorded after the fact, so one batched call gives each of its requests its own
-    span in its own trace. Nothing is exported unless tracing is configured."""
+    span in its own trace. Nothing is exported unless tracing is configured. The same task goes
+    to the process's metrics (`prism.runtime.metrics.observe_task`): its wait, work and tokens."""
+    from prism.runtime.metrics import observe_task
+
     tracer = tracer or trace.get_tracer("prism")
     parent = extract_trace_context(getattr(item, "trace_context", None))
     base = {"prism.task_id": item.task_id, "prism.stage": stage, "prism.attempt": getattr(item, "attempt", 1)}
     queued = float(getattr(item, "enqueued_at", 0.0) or 0.0)
+    observe_task(stage, instance, started - queued if 0 < queued <= started else -1.0, ended - started, tokens)
     ns = 1_000_000_000
     if 0 < queued <= started:
         tracer.start_span(f"prism.queue.{stage}", context=parent, kind=trace.SpanKind.CONSUMER, attributes=base,

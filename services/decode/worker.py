@@ -20,6 +20,7 @@ from prism.engine.sampling import Sampling
 from prism.queue.base import TaskState, UnknownTask, WorkItem, WorkQueue
 from prism.runtime.host import LocalPeers
 from prism.runtime.stagework import ComputeThread
+from prism.runtime.metrics import observe_batch
 from prism.runtime.telemetry import record_task
 from prism.v1 import common_pb2, stages_pb2
 from prism.wire import KvReceiver, fetch_kv_method
@@ -233,7 +234,8 @@ class DecodeWorker:
                 if traced is not None:
                     record_task("decode", traced[0], traced[1], time.time(), {
                         "prism.generated_tokens": index + len(tokens), "prism.kv_import_ms": traced[2] * 1000,
-                        "prism.compute_ms": compute_ms, "prism.finish_reason": str(finish)})
+                        "prism.compute_ms": compute_ms, "prism.finish_reason": str(finish)},
+                        instance=self.name, tokens=index + len(tokens) - 1)
                 # compute_ms: its share of the steps it was in (a batched step split evenly)
                 return await self.queue.set_state(rid, TaskState.DONE, tokens=tokens, index=index,
                                                   finish=int(FINISH_TO_PROTO[finish]), worker=self.name,
@@ -315,6 +317,7 @@ class DecodeWorker:
                 self._slot_freed.set()
                 continue
             self.batch_sizes.append(len(events))
+            observe_batch("decode", self.name, len(events))
             for event in events:  # each request's share of the step's compute
                 self._compute_s[event.request_id] = self._compute_s.get(event.request_id, 0.0) + step_s / len(events)
                 self._emit(event.request_id, event)

@@ -15,6 +15,7 @@ from prism.models.base import MediaItem
 from prism.queue.base import TaskState, WorkItem, WorkQueue
 from prism.runtime.convert import item_from_input
 from prism.runtime.stagework import ComputeThread, HeldOutputs
+from prism.runtime.metrics import observe_batch
 from prism.runtime.telemetry import record_task
 from prism.v1 import stages_pb2
 
@@ -85,6 +86,7 @@ class EncoderWorker:
     async def _encode(self, batch: list[tuple[WorkItem, list[MediaItem]]]) -> None:
         """One tower pass over the items of every request in the batch."""
         self.batch_sizes.append(len(batch))
+        observe_batch("encode", self.name, len(batch))
         started, wall = time.perf_counter(), time.time()
         try:
             per_request = await self.compute.run(self.engine.encode_batch, [items for _, items in batch])
@@ -101,7 +103,8 @@ class EncoderWorker:
                 "prism.batch_size": len(batch), "prism.media_items": len(items),
                 "prism.image_count": sum(1 for m in items if m.modality == "image"),
                 "prism.audio_count": sum(1 for m in items if m.modality == "audio"),
-                "prism.media_tokens": sum(m.num_tokens for m in items)})
+                "prism.media_tokens": sum(m.num_tokens for m in items)},
+                instance=self.name, tokens=sum(m.num_tokens for m in items))
             self.held.publish(item.task_id, mine)
             await self.queue.set_state(item.task_id, TaskState.READY, compute_ms=compute_ms,
                                        item_tokens=[int(e.shape[0]) for e in mine], batch_items=items_total,

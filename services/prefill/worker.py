@@ -21,6 +21,7 @@ from prism.queue.base import TaskState, WorkItem, WorkQueue
 from prism.runtime.convert import item_from_info
 from prism.runtime.host import LocalPeers
 from prism.runtime.stagework import ComputeThread, HeldOutputs
+from prism.runtime.metrics import KV_BYTES, observe_batch
 from prism.runtime.telemetry import record_task
 from prism.v1 import stages_pb2
 from prism.wire import EmbeddingsReceiver, fetch_embeddings_method
@@ -190,6 +191,7 @@ class PrefillWorker:
         if not ready:
             return
         self.batch_sizes.append(len(ready))
+        observe_batch("prefill", self.name, len(ready))
         started, wall = time.perf_counter(), time.time()
         sinks = [j.outbox.sink if j.outbox is not None else (lambda *_: None) for j in ready]
         try:
@@ -207,7 +209,9 @@ class PrefillWorker:
             record_task("prefill", job.item, job.began or wall, ended, {
                 "prism.batch_size": len(ready), "prism.prompt_tokens": job.plan.prompt_tokens,
                 "prism.media_items": len(job.items), "prism.embedding_transfer_ms": job.transfer_ms,
-                "prism.compute_ms": compute_ms})
+                "prism.compute_ms": compute_ms}, instance=self.name, tokens=job.plan.prompt_tokens)
+            if job.outbox is not None:
+                KV_BYTES.labels("sent", self.name).inc(job.outbox.nbytes)
         for job, first in zip(ready, firsts):
             if job.outbox is not None:
                 job.outbox.finish(first)

@@ -15,6 +15,7 @@ import time
 
 import grpc
 
+from prism.runtime import metrics
 from prism.v1 import admin_pb2, admin_pb2_grpc
 from services.scheduler.cluster import Cluster
 from services.scheduler.config import Policy
@@ -63,6 +64,12 @@ class Scaling:
         self.load = {s: self.rates.arrival_rate(s, now) for s in STAGES}
         attainment = self.slo.stage_attainment(now)
         self.desired = dict(self.autoscaler.desired(now, self.load, attainment, self.actual))
+        for stage in STAGES:
+            metrics.REPLICAS.labels(stage, "desired").set(self.desired.get(stage, 0))
+            metrics.REPLICAS.labels(stage, "actual").set(self.actual.get(stage, 0))
+            metrics.PENDING_TOKENS.labels(stage).set(self.cluster.book.stage_pending(stage))
+            share = attainment.get(stage, 1.0) if isinstance(attainment, dict) else float(attainment)
+            metrics.SLO_ATTAINMENT.labels(stage).set(share)
         return self.desired
 
     async def publish(self) -> None:

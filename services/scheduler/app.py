@@ -7,6 +7,7 @@ import asyncio
 
 import grpc
 
+from prism.runtime import metrics
 from prism.runtime.backend import Backend
 from prism.runtime.stagework import StageApp
 from prism.runtime.telemetry import inject_trace_context
@@ -41,6 +42,13 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
         t = final.timing
         scaling.slo.record(t.ttft_ms / 1000, t.tpot_ms / 1000 if t.tpot_ms else None,
                            adm.ttft_target_s, adm.tpot_target_s)
+        metrics.TTFT.labels(model.name).observe(t.ttft_ms / 1000)
+        metrics.E2E.labels(model.name).observe(t.e2e_ms / 1000)
+        if final.usage.generated_tokens > 1:
+            metrics.TPOT.labels(model.name).observe(t.tpot_ms / 1000)
+        metrics.GENERATED.labels(model.name).inc(final.usage.generated_tokens)
+        if adm.reduction is not None:
+            metrics.REDUCTIONS.labels(model.name, adm.reduction.id).inc()
 
     pipeline = Pipeline(cluster, placement, admission, inject_trace=lambda: dict(inject_trace_context()),
                         max_attempts=policy.request_attempts, on_admit=on_admit, on_finish=on_finish)

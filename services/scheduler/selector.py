@@ -42,6 +42,7 @@ from typing import Any
 
 import grpc
 
+from prism.runtime import metrics
 from prism.v1 import common_pb2, prism_pb2
 from services.scheduler.core.selection import FULL, Job, Strategy, admit_with_selection, diagnose, reassign
 from services.scheduler.intake import Admitted
@@ -227,6 +228,7 @@ class Selector:
         finally:
             self.stats.decisions += 1
             self.stats.decision_s.append(time.perf_counter() - started)
+            metrics.SELECTION_DECISION.observe(self.stats.decision_s[-1])
             del self.stats.decision_s[:-1000]
 
     # ---- arrivals ----------------------------------------------------------------------

@@ -20,6 +20,7 @@ import grpc
 from opentelemetry import trace
 
 from prism.queue.requests import RequestRecord, RequestStore
+from prism.runtime import metrics
 from prism.v1 import prism_pb2, prism_pb2_grpc, stages_pb2
 from services.scheduler.intake import Admitted, Limits, RequestError, ServedModel, admit
 from services.scheduler.pipeline import Pipeline, Progress, StageError
@@ -53,10 +54,15 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         try:
             return await self._process(request, grpc_deadline)
         except RequestError as exc:
+            metrics.REQUESTS.labels(self.default_model, exc.code).inc()
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
 
+    def _abort(self, context: grpc.aio.ServicerContext, exc: StageError):
+        metrics.REQUESTS.labels(self.default_model, exc.code.name).inc()
+        return self._abort_with(context, exc)
+
     @staticmethod
-    async def _abort(context: grpc.aio.ServicerContext, exc: StageError) -> None:
+    async def _abort_with(context: grpc.aio.ServicerContext, exc: StageError) -> None:
         if exc.retry_after_s is not None:
             context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
         await context.abort(exc.code, exc.message)
@@ -122,6 +128,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                         "prism.expected_accuracy": red.expected_accuracy, "prism.placement": progress.placement,
                         "prism.attempts": progress.attempt, "prism.ttft_ms": message.timing.ttft_ms})
                     await self.store.finish(rid, "done", finish=int(message.finish_reason))
+                    metrics.REQUESTS.labels(self.default_model, "OK").inc()
                 yield message
         except StageError as exc:
             await self.store.finish(rid, "failed", code=exc.code.name, message=exc.message)

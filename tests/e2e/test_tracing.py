@@ -43,6 +43,20 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
             return [(svc, s) for svc, s in self.spans if s.trace_id.hex() == trace_id]
 
 
+def scrape(port: int) -> dict[str, dict[str, float]]:
+    """{sample name: {its outcome or stage label, or "": value}} of one /metrics endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[s.labels.get("outcome") or s.labels.get("stage") or ""] = s.value
+    return out
+
+
 @pytest.fixture
 def receiver(monkeypatch):
     recv = Receiver()
@@ -58,8 +72,13 @@ def receiver(monkeypatch):
 
 
 def test_one_request_one_trace_across_processes_and_redis(tiny_models, receiver, tmp_path):
+    """...and each process's /metrics counted it: the scheduler one OK request, each stage one task."""
+    from prism.runtime.redisproc import free_port
+
+    ports = {p: free_port() for p in ("scheduler", "encode", "prefill", "decode")}
     options = DeploymentOptions(model_dir=tiny_models["llava"], layout="split", threads=1, slots=2, max_len=512,
-                                log_dir=tmp_path)
+                                log_dir=tmp_path,
+                                extra_args={p: ["--metrics-port", str(port)] for p, port in ports.items()})
     with Deployment(options) as d:
         with grpc.insecure_channel(d.address) as channel:
             stub = prism_pb2_grpc.PrismServiceStub(channel)
@@ -75,6 +94,12 @@ def test_one_request_one_trace_across_processes_and_redis(tiny_models, receiver,
             if stage_names <= {s.name for _, s in got} and any(s.name.endswith("/Generate") for _, s in got):
                 break
             time.sleep(0.2)
+        scraped = {p: scrape(port) for p, port in ports.items()}
+    assert scraped["scheduler"]["prism_requests_total"] == {"OK": 1.0}
+    assert scraped["scheduler"]["prism_generated_tokens_total"] == {"": 5.0}
+    assert "prism_stage_tasks_total" not in scraped["scheduler"]
+    for stage in ("encode", "prefill", "decode"):  # each process counts its own stage's task, once
+        assert scraped[stage]["prism_stage_tasks_total"] == {stage: 1.0}, stage
     got = receiver.of_trace(TRACE_ID)
     generate = [(svc, s) for svc, s in got if s.name == "/prism.v1.PrismService/Generate"]
     assert len(generate) == 1, sorted(s.name for _, s in got)

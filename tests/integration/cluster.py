@@ -41,8 +41,8 @@ async def collect(stub, request) -> tuple[list[int], prism_pb2.GenerateResponse]
     return tokens, last
 
 
-def server(name: str = "", otel: bool = False) -> ServerConfig:
-    cfg = ServerConfig(port=0, otel=otel, drain_grace_s=5)
+def server(name: str = "", otel: bool = False, metrics: bool = False) -> ServerConfig:
+    cfg = ServerConfig(port=0, otel=otel, drain_grace_s=5, metrics_port=0 if metrics else -1)
     return replace(cfg, worker_name=name) if name else cfg
 
 
@@ -52,7 +52,7 @@ class LocalCluster:
     def __init__(self, model_dir: Path, workers: list[tuple[str, ...]], *, redis_url: str = "",
                  placement: str = "adaptive", slots: int = 2, max_len: int = 512,
                  queue: QueueOptions | None = None, policy: Policy | None = None, worker_args: dict | None = None,
-                 selection_profile: str = "", otel: bool = False):
+                 selection_profile: str = "", otel: bool = False, metrics: bool = False):
         self.model_dir = Path(model_dir)
         self.layout = list(workers)
         self.queue_options = queue or QueueOptions(redis_url=redis_url, heartbeat_s=0.2, worker_ttl_s=1.0)
@@ -61,6 +61,7 @@ class LocalCluster:
         self.worker_args = worker_args or {}
         self.selection_profile = selection_profile
         self.otel = otel  # OpenTelemetry interceptors on every server (spans go to the global provider)
+        self.metrics = metrics  # the scheduler serves /metrics (this process's registry: every part's series)
         self.shared = None if self.queue_options.redis_url else Backend(self.queue_options)
         self.hosts: dict[str, WorkerHost] = {}
         self.scheduler: RunningStage | None = None
@@ -86,7 +87,7 @@ class LocalCluster:
     async def start(self) -> "LocalCluster":
         for stages in self.layout:
             await self.add_worker(stages)
-        config = SchedulerConfig(model_dir=self.model_dir, max_context=self.max_len, server=server("scheduler", self.otel),
+        config = SchedulerConfig(model_dir=self.model_dir, max_context=self.max_len, server=server("scheduler", self.otel, self.metrics),
                                  queue=self.queue_options, policy=self.policy, request_lease_s=2.0,
                                  selection_profile=self.selection_profile)
         self.scheduler = await start_stage(config.server, await build_scheduler(config, self.backend()),
