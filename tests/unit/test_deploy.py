@@ -73,7 +73,7 @@ def test_compose_profiles_resolve_and_every_command_parses(tmp_path, tiny_models
         module, cls = cls_path.split(":")
         args = [f"--model-dir={tiny_models['llava']}" if a == "--model-dir=/model" else a for a in argv[3:]]
         config = config_from_cli(getattr(import_module(module), cls), env_prefix=prefix, argv=args, environ={})
-        assert config.server.host == "0.0.0.0"
+        assert config.server.host == "0.0.0.0" and config.server.metrics_port == 9464  # Prometheus scrapes
         if name != "scheduler":
             assert config.server.advertise_host == "auto" and config.queue.redis_url == "redis://redis:6379/0"
     assert services["scheduler"]["ports"][0]["target"] == 50051
