@@ -11,6 +11,16 @@ if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; 
   $SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || {
     $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q redis-server >/dev/null; }
 fi
+# Node.js and npm: the Node client's test and buf (the proto linter, from npm).
+if ! command -v npm >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+  $SUDO apt-get install -y -q nodejs npm >/dev/null 2>&1 || {
+    $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q nodejs npm >/dev/null; }
+fi
+if [ ! -d clients/node/node_modules ]; then
+  (cd clients/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
