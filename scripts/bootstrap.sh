@@ -19,7 +19,7 @@ if ! command -v npm >/dev/null 2>&1; then
     $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q nodejs npm >/dev/null; }
 fi
 if [ ! -d clients/node/node_modules ]; then
-  (cd clients/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  (cd clients/node && npm install --no-audit --no-fund --loglevel=error >/dev/null)  # npm ci trips over the lock's other-platform optional packages
 fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

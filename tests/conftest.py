@@ -147,3 +147,22 @@ def _stall_watchdog(request):
     timer.start()
     yield
     timer.cancel()
+
+
+@pytest.fixture
+def exporter():
+    """Finished spans of this process's global tracer provider (an SDK one, installed when none
+    is), from this test on."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+        provider = trace.get_tracer_provider()
+    out = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(out))
+    yield out
+    out.shutdown()

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.integration.cluster import LocalCluster
-from tests.integration.test_tracing import exporter  # noqa: F401 - the in-memory span fixture
 from tests.oracle import Oracle
 
 pytestmark = [pytest.mark.e2e]
@@ -26,7 +25,7 @@ def node() -> str:
     binary = shutil.which("node")
     assert binary, "node is missing (scripts/bootstrap.sh installs nodejs and npm)"
     if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=600)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=600)
     return binary
 
 

@@ -16,6 +16,7 @@ from prism.launch import Deployment, DeploymentOptions
 from prism.v1 import prism_pb2_grpc
 from tests.conftest import png_bytes
 from tests.integration.cluster import chat
+from tests.integration.test_metrics import scrape
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -41,20 +42,6 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     def of_trace(self, trace_id: str) -> list[tuple[str, object]]:
         with self.lock:
             return [(svc, s) for svc, s in self.spans if s.trace_id.hex() == trace_id]
-
-
-def scrape(port: int) -> dict[str, dict[str, float]]:
-    """{sample name: {its outcome or stage label, or "": value}} of one /metrics endpoint."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, {})[s.labels.get("outcome") or s.labels.get("stage") or ""] = s.value
-    return out
 
 
 @pytest.fixture
@@ -95,11 +82,17 @@ def test_one_request_one_trace_across_processes_and_redis(tiny_models, receiver,
                 break
             time.sleep(0.2)
         scraped = {p: scrape(port) for p, port in ports.items()}
-    assert scraped["scheduler"]["prism_requests_total"] == {"OK": 1.0}
-    assert scraped["scheduler"]["prism_generated_tokens_total"] == {"": 5.0}
-    assert "prism_stage_tasks_total" not in scraped["scheduler"]
+
+    def series(part: str, name: str) -> dict[tuple, float]:
+        return {labels: v for (n, labels), v in scraped[part].items() if n == name}
+
+    assert [v for labels, v in series("scheduler", "prism_requests_total").items()
+            if ("outcome", "OK") in labels] == [1.0]
+    assert list(series("scheduler", "prism_generated_tokens_total").values()) == [5.0]
+    assert series("scheduler", "prism_stage_tasks_total") == {}
     for stage in ("encode", "prefill", "decode"):  # each process counts its own stage's task, once
-        assert scraped[stage]["prism_stage_tasks_total"] == {stage: 1.0}, stage
+        tasks = series(stage, "prism_stage_tasks_total")
+        assert list(tasks.values()) == [1.0] and ("stage", stage) in next(iter(tasks)), (stage, tasks)
     got = receiver.of_trace(TRACE_ID)
     generate = [(svc, s) for svc, s in got if s.name == "/prism.v1.PrismService/Generate"]
     assert len(generate) == 1, sorted(s.name for _, s in got)

@@ -5,27 +5,10 @@ from __future__ import annotations
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.conftest import png_bytes, random_image
 from tests.integration.cluster import LocalCluster, chat, collect
 from tests.oracle import Oracle
-
-
-@pytest.fixture
-def exporter():
-    """Spans of this process's global tracer provider (an SDK one, installed when none is)."""
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-        provider = trace.get_tracer_provider()
-    out = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(out))
-    yield out
-    out.shutdown()
 
 
 STAGE_SPANS = {"prism.queue.encode", "prism.encode", "prism.queue.prefill", "prism.prefill",

@@ -18,7 +18,7 @@ RELEASED = PROTOS / "released" / "prism-v1.binpb"
 def buf() -> str:
     binary = ROOT / "clients" / "node" / "node_modules" / ".bin" / "buf"
     if not binary.exists():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=binary.parents[2], check=True, timeout=600)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=binary.parents[2], check=True, timeout=600)
     return str(binary)
 
 
