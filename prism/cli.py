@@ -90,6 +90,9 @@ def up(
                                 max_replicas=max_replicas)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # explicitly: a process started in the background by a shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler (Ctrl-C or kill -INT would do nothing)
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     deployment = Deployment(options)
     try:
         typer.echo(f"starting Prism for {model} (logs in {deployment.log_dir})")
