@@ -88,7 +88,7 @@ class Stats:
 
 class Selector:
     def __init__(self, profile: Any, pipeline: Pipeline, executor: concurrent.futures.Executor, *,
-                 every_s: float = 0.25, time_limit_s: float = 0.05):
+                 every_s: float = 0.25, time_limit_s: float = 0.01):
         self.profile = profile
         self.pipeline = pipeline
         self.executor = executor
