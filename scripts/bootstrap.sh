@@ -21,6 +21,9 @@ fi
 if [ ! -d clients/node/node_modules ]; then
   (cd clients/node && npm install --no-audit --no-fund --loglevel=error >/dev/null)  # npm ci trips over the lock's other-platform optional packages
 fi
+if [ ! -d deploy/k8s/check/node_modules ]; then  # KEDA's CRD schemas, for validating deploy/k8s
+  (cd deploy/k8s/check && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -2,7 +2,10 @@
 workers and of Redis itself.
 
 There is one queue per (stage, worker instance): the scheduler picks an instance and puts the
-task into that instance's queue, and the instance consumes only its own. Task records and
+task into that instance's queue, and the instance consumes only its own. A deployment may
+instead share one queue per stage (instance name `SHARED`): every worker of the stage reads it as
+its own consumer of the group, so the stream's lag and pending entries are the stage's whole
+backlog -- what an external autoscaler (KEDA's redis-streams scaler) watches. Task records and
 events are shared by every queue of a namespace, so a task moved from one instance's queue to
 another (`move_tasks`) keeps its watchers. Keys, all under ``{namespace}:``:
 
@@ -50,11 +53,14 @@ from redis.exceptions import RedisError, ResponseError
 from prism.queue.base import (DuplicateTask, QueueClosed, QueueFull, TaskEvent, TaskState, UnknownTask,
                               WorkItem, WorkQueue)
 
-__all__ = ["RedisWorkQueue", "connect", "move_tasks", "pending_cost"]
+__all__ = ["SHARED", "RedisWorkQueue", "connect", "consumer_tasks", "move_tasks", "pending_cost"]
 
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
+SHARED = "shared"
+"""The instance name of a stage's shared queue (``q:{stage}:shared``), read by every worker of
+the stage as consumer ``<worker name>``; never a worker's name."""
 _DEFAULT_TTL_MS = 300_000  # fallbacks for records without their own (written by other versions)
 _DEFAULT_MAX_ATTEMPTS = 3
 WATCH_BLOCK_MS = 1000  # a watcher's blocking read (new events end it at once)
@@ -410,7 +416,9 @@ class RedisWorkQueue(WorkQueue):
         client: an asyncio client with ``decode_responses=False`` (see `connect`).
         namespace: prefix of every key.
         stage: the stage (``encode``, ``prefill``, ``decode``...); no ``:``.
-        instance: the worker instance consuming this queue; its consumer name in the group.
+        instance: the worker instance whose queue this is (`SHARED`: the stage's shared queue).
+        consumer: the consumer name in the group (default: `instance`); a worker reading the
+            shared queue uses its own name, so its pending entries are told apart from others'.
         max_depth: most waiting entries; `put` raises QueueFull beyond it.
         max_attempts: hand-outs per task, stored with the task by `put` (so the limit holds
             wherever the task moves); past them the task is dead-lettered.
@@ -425,7 +433,7 @@ class RedisWorkQueue(WorkQueue):
     """
 
     def __init__(self, client: aioredis.Redis, *, namespace: str = "prism", stage: str, instance: str,
-                 max_depth: int = 1024, max_attempts: int = 3, terminal_ttl_s: float = 300.0,
+                 consumer: str | None = None, max_depth: int = 1024, max_attempts: int = 3, terminal_ttl_s: float = 300.0,
                  prefetch: int = 8, block_ms: int = 100, drop_expired: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
         if client is None or not hasattr(client, "xreadgroup"):
@@ -436,6 +444,8 @@ class RedisWorkQueue(WorkQueue):
         _check_name("namespace", namespace)
         _check_name("stage", stage, colon=False)
         _check_name("instance", instance)
+        consumer = instance if consumer is None else consumer
+        _check_name("consumer", consumer)
         for name, value in (("max_depth", max_depth), ("max_attempts", max_attempts),
                             ("prefetch", prefetch), ("block_ms", block_ms)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -445,7 +455,7 @@ class RedisWorkQueue(WorkQueue):
         if not callable(clock):
             raise ValueError("clock must be callable")
         self._r, self._s, self._k = client, _Scripts(client), _Keys(namespace)
-        self._stage, self._instance = stage, instance
+        self._stage, self._instance, self._consumer = stage, instance, consumer
         self._q, self._dlv = self._k.q(stage, instance), self._k.dlv(stage, instance)
         self._dlq = self._k.dlq(stage)
         self._where = [namespace, stage, instance]  # the first ARGV of most scripts
@@ -598,6 +608,14 @@ class RedisWorkQueue(WorkQueue):
             except RedisError as exc:  # still pending under our name: a restart or move_tasks takes it
                 log.warning("could not put back prefetched %s: %s", tid, exc)
 
+    async def retire(self) -> bool:
+        """Removes this reader from the group once it holds no entry (a worker of a shared queue
+        leaving for good: autoscaled workers would otherwise pile up as consumers). True when
+        it was removed."""
+        if await self._r.xpending_range(self._q, GROUP, "-", "+", 1, consumername=self._consumer):
+            return False
+        return bool(await self._r.xgroup_delconsumer(self._q, GROUP, self._consumer) is not None)
+
     # ------------------------------------------------------------------ internals
 
     def _forget_local(self, task_id: str) -> None:
@@ -643,7 +661,7 @@ class RedisWorkQueue(WorkQueue):
 
     async def _read(self, cursor: bytes | str, count: int, block_ms: int | None) -> list:
         try:
-            resp = await self._r.xreadgroup(GROUP, self._instance, {self._q: cursor}, count=count,
+            resp = await self._r.xreadgroup(GROUP, self._consumer, {self._q: cursor}, count=count,
                                             block=block_ms)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -710,7 +728,8 @@ async def _vet(client: aioredis.Redis, scripts: _Scripts, keys: _Keys, stage: st
 
 
 async def move_tasks(client: aioredis.Redis, *, namespace: str = "prism", stage: str, from_instance: str,
-                     route: Callable[[WorkItem], str], min_idle_ms: int = 0) -> list[tuple[str, str]]:
+                     route: Callable[[WorkItem], str], min_idle_ms: int = 0,
+                     consumer: str | None = None) -> list[tuple[str, str]]:
     """Moves the live tasks of a dead (or drained) worker's queue ``q:{stage}:{from_instance}``
     to the queues ``route(item)`` names. Takes the entries never delivered and those delivered
     but unacknowledged for at least `min_idle_ms` (a huge value moves only undelivered ones);
@@ -718,7 +737,11 @@ async def move_tasks(client: aioredis.Redis, *, namespace: str = "prism", stage:
     its maximum attempts; finished tasks and stale entries are dropped. Each move is one atomic
     script that re-checks the task record, so concurrent calls never queue a task twice.
     `route` is asked only about tasks that look movable; if it raises, the entries not yet
-    moved are put back. Returns ``(task_id, new_instance)`` for each task moved."""
+    moved are put back. Returns ``(task_id, new_instance)`` for each task moved.
+
+    With `consumer` (a shared queue, read by many workers), only the entries delivered to that
+    consumer are taken -- what a dead worker had read from the stage's shared queue; routing
+    them back to `SHARED` puts them at their old rank for any live worker."""
     keys, scripts = _Keys(namespace), _Scripts(client)
     q, dlv, dlq = keys.q(stage, from_instance), keys.dlv(stage, from_instance), keys.dlq(stage)
     if not await client.exists(q):
@@ -757,6 +780,17 @@ async def move_tasks(client: aioredis.Redis, *, namespace: str = "prism", stage:
                                       args=[namespace, stage, from_instance, eid, tid])
 
     try:
+        if consumer is not None:
+            while ids := [row["message_id"] for row in await client.xpending_range(
+                    q, GROUP, "-", "+", 100, consumername=consumer, idle=min_idle_ms or None)]:
+                claimed = await client.xclaim(q, GROUP, mover, min_idle_ms, ids)
+                if not claimed:  # deleted entries (XCLAIM drops them) or taken by someone else
+                    if not await client.xpending_range(q, GROUP, "-", "+", 1, consumername=consumer,
+                                                       idle=min_idle_ms or None):
+                        break
+                    continue
+                await move_all([(eid, fields) for eid, fields in claimed])
+            return moved
         start: bytes | str = "0-0"
         while True:
             start, batch, *_ = await client.xautoclaim(q, GROUP, mover, min_idle_ms, start, count=100)
@@ -766,9 +800,26 @@ async def move_tasks(client: aioredis.Redis, *, namespace: str = "prism", stage:
         while batch := _entries(await client.xreadgroup(GROUP, mover, {q: ">"}, count=100)):
             await move_all(batch)
     finally:  # nothing enters our pending list any more; leave no consumer behind if it is empty
-        if not await client.xpending_range(q, GROUP, "-", "+", 1, consumername=mover):
-            await client.xgroup_delconsumer(q, GROUP, mover)
+        for name in (mover, consumer) if consumer is not None else (mover,):
+            if not await client.xpending_range(q, GROUP, "-", "+", 1, consumername=name):
+                await client.xgroup_delconsumer(q, GROUP, name)
     return moved
+
+
+async def consumer_tasks(client: aioredis.Redis, *, namespace: str = "prism", stage: str, instance: str,
+                         consumer: str) -> list[str]:
+    """The ids of the tasks whose entries in ``q:{stage}:{instance}`` were delivered to `consumer`
+    and are not acknowledged: what a worker reading a shared queue holds (prefetched or taken)."""
+    q = _Keys(namespace).q(stage, instance)
+    if not await client.exists(q):
+        return []
+    rows = await client.xpending_range(q, GROUP, "-", "+", 10_000, consumername=consumer)
+    tasks = []
+    for row in rows:
+        for _, fields in await client.xrange(q, min=row["message_id"], max=row["message_id"]):
+            if fields and fields.get(b"task_id"):
+                tasks.append(fields[b"task_id"].decode(errors="replace"))
+    return tasks
 
 
 async def pending_cost(client: aioredis.Redis, *, namespace: str = "prism", stage: str, instance: str) -> int:

@@ -3,6 +3,7 @@ of several processes) or memory (one process hosting the scheduler and its worke
 tests). Both the scheduler and the workers build theirs from the same `QueueOptions`."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,9 @@ from prism.queue.memory import InMemoryWorkQueue
 from prism.runtime.config import check
 
 __all__ = ["Backend", "QueueOptions"]
+
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class QueueOptions:
@@ -26,6 +30,11 @@ class QueueOptions:
                 "and its in-progress requests are retried"})
     max_attempts: int = field(default=3, metadata={"help": "deliveries of one task before it is dead-lettered"})
     prefetch: int = field(default=8, metadata={"help": "tasks a worker reads ahead from its Redis queue to order them by deadline"})
+    shared_queues: bool = field(default=False, metadata={
+        "help": "one queue per stage, read by every worker of the stage, instead of one per worker: the stage's "
+                "backlog is then one Redis stream ({namespace}:q:{stage}:shared, group 'workers') that an external "
+                "autoscaler such as KEDA can watch, and a stage may scale to zero (work waits there). Set it alike "
+                "on the scheduler and every worker; needs redis_url"})
 
     def __post_init__(self) -> None:
         check(not self.redis_url or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
@@ -35,6 +44,7 @@ class QueueOptions:
         check(self.worker_ttl_s > 2 * self.heartbeat_s, "worker_ttl_s", "must be more than twice heartbeat_s")
         check(self.max_attempts >= 1, "max_attempts", "must be >= 1")
         check(self.prefetch >= 1, "prefetch", "must be >= 1")
+        check(not self.shared_queues or bool(self.redis_url), "shared_queues", "needs redis_url (queues in Redis)")
 
 
 class Backend:
@@ -73,16 +83,27 @@ class Backend:
             self._client = connect(self.options.redis_url)
         return self._client
 
-    def queue(self, stage: str, instance: str, *, max_depth: int = 1024) -> WorkQueue:
-        """The queue of `stage` on worker `instance` (created on first use, then shared)."""
-        key = (stage, instance)
+    def queue(self, stage: str, instance: str, *, max_depth: int = 1024, consumer: str | None = None) -> WorkQueue:
+        """The queue of `stage` on worker `instance` (created on first use, then shared); with
+        shared queues, whatever `instance` is, the stage's one queue. `consumer`: the worker
+        reading it (the shared queue is read by many)."""
+        if self.options.shared_queues:
+            from prism.queue.redis_queue import SHARED
+
+            instance = SHARED
+        else:
+            consumer = None  # a worker's own queue has one consumer: the worker
+        key = (stage, instance, consumer)
         if key not in self._queues:
             if self.durable:
                 from prism.queue.redis_queue import RedisWorkQueue
 
+                # A worker of a shared queue reads one entry ahead: more would hold back work that
+                # another (idle) worker could start now.
+                prefetch = 1 if self.options.shared_queues and consumer else self.options.prefetch
                 self._queues[key] = RedisWorkQueue(
                     self.client, namespace=self.options.namespace, stage=stage, instance=instance,
-                    max_depth=max_depth, max_attempts=self.options.max_attempts, prefetch=self.options.prefetch)
+                    consumer=consumer, max_depth=max_depth, max_attempts=self.options.max_attempts, prefetch=prefetch)
             else:
                 self._queues[key] = InMemoryWorkQueue(max_depth=max_depth, max_attempts=self.options.max_attempts)
         return self._queues[key]
@@ -114,8 +135,13 @@ class Backend:
         return self._store
 
     async def close(self) -> None:
-        for q in self._queues.values():
+        for (_, _, consumer), q in self._queues.items():
             await q.close()
+            if consumer is not None:  # a worker leaving a shared queue: no reader left behind
+                try:
+                    await q.retire()
+                except self.errors as exc:
+                    log.warning("could not remove consumer %s: %s", consumer, exc)
         self._queues.clear()
         if self._client is not None:
             await self._client.aclose()

@@ -76,7 +76,9 @@ class HostContext:
     peers: LocalPeers = field(default_factory=LocalPeers)
 
     def queue(self, stage: str, max_depth: int):
-        return self.backend.queue(stage, self.instance, max_depth=max_depth)
+        """The queue this worker takes `stage`'s tasks from: its own, or the stage's shared one
+        (read as consumer `instance`)."""
+        return self.backend.queue(stage, self.instance, max_depth=max_depth, consumer=self.instance)
 
     async def load(self, options: Any, parts: frozenset[str], attn: str | None = None) -> Any:
         return await self.compute.run(self.models.get, options, parts, attn)
@@ -101,6 +103,8 @@ class WorkerHost:
                  model_name: str, threads: int = 0, backend: Backend | None = None, handle_signals: bool = True):
         if not specs:
             raise ValueError("stages: at least one stage to host")
+        if queue.shared_queues and server_config.worker_name == "shared":
+            raise ValueError("worker_name: 'shared' names the stages' shared queues; choose another")
         self.specs = list(specs)
         self.server_config = server_config
         self.queue_options = queue
@@ -113,6 +117,7 @@ class WorkerHost:
         self.server: Any = None
         self._workers: list[asyncio.Task] = []
         self._heartbeat: contextlib.AbstractAsyncContextManager | None = None
+        self._follower: asyncio.Task | None = None
 
     @property
     def name(self) -> str:
@@ -153,7 +158,27 @@ class WorkerHost:
         self._heartbeat = Heartbeat(self.backend.registry, info, ttl_s=self.queue_options.worker_ttl_s,
                                     every_s=self.queue_options.heartbeat_s)
         await self._heartbeat.__aenter__()
+        if self.queue_options.shared_queues:
+            self._follower = asyncio.create_task(self._follow_drain())
         return self
+
+    async def _follow_drain(self) -> None:
+        """With shared queues nobody routes to a worker, so an operator's drain (the registry's
+        flag, set by the scheduler's DrainWorker) must stop this worker from reading: it closes
+        its queues, puts back what it read ahead and finishes what it took."""
+        while True:
+            await asyncio.sleep(self.queue_options.heartbeat_s)
+            try:
+                info = await self.backend.registry.get(self.name)
+            except Exception as exc:  # noqa: BLE001 - the registry restarting: ask again next beat
+                log.debug("drain flag of %s unreadable: %s", self.name, exc)
+                continue
+            if info is not None and info.draining:
+                log.info("worker %s was marked draining: it stops taking work", self.name)
+                for app in self.apps.values():
+                    if app.queue is not None:
+                        await app.queue.close()
+                return
 
     async def drain_workers(self) -> None:
         """Stop taking work (close the queues) and finish what was taken."""
@@ -175,6 +200,8 @@ class WorkerHost:
         await self._shutdown()
 
     async def _shutdown(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
         for task in self._workers:
             if not task.done():
                 task.cancel()

@@ -106,7 +106,7 @@ class EncoderWorker:
                 "prism.media_tokens": sum(m.num_tokens for m in items)},
                 instance=self.name, tokens=sum(m.num_tokens for m in items))
             self.held.publish(item.task_id, mine)
-            await self.queue.set_state(item.task_id, TaskState.READY, compute_ms=compute_ms,
+            await self.queue.set_state(item.task_id, TaskState.READY, compute_ms=compute_ms, worker=self.name,
                                        item_tokens=[int(e.shape[0]) for e in mine], batch_items=items_total,
                                        batch=len(batch))
             await self.queue.ack(item.task_id)

@@ -216,6 +216,7 @@ class PrefillWorker:
             if job.outbox is not None:
                 job.outbox.finish(first)
             await self.queue.set_state(job.rid, TaskState.READY, first_token=first, prompt_tokens=job.plan.prompt_tokens,
+                                       worker=self.name,
                                        rope_delta=job.plan.rope_delta, compute_ms=compute_ms,
                                        transfer_ms=job.transfer_ms, batch=len(ready))
             await self.queue.ack(job.rid)

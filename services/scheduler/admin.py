@@ -102,7 +102,9 @@ class AdminServicer(admin_pb2_grpc.SchedulerAdminServiceServicer):
         attainment = self.scaling.slo.stage_attainment()
         for stage in STAGES:
             queued = 0
-            for inst in self.cluster.instances:
+            if self.cluster.shared:  # one queue for the stage, whoever serves it (maybe nobody yet)
+                queued = await self.cluster.queue(stage, "shared").depth()
+            for inst in self.cluster.instances if not self.cluster.shared else ():
                 if stage in inst.stages:
                     queued += await self.cluster.queue(stage, inst.name).depth()
             pol = self.scaling.policy

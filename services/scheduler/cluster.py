@@ -5,6 +5,10 @@ A worker that stops heartbeating for `worker_ttl_s` is dead. Its tasks that had 
 (TRANSFERRING, RUNNING, READY: their inputs or outputs lived in its memory) are failed with
 UNAVAILABLE, which makes the pipeline retry their requests on live workers; the tasks still
 waiting in its queues are moved to live workers of the same stage (at-least-once delivery).
+
+With shared queues (`QueueOptions.shared_queues`) the workers of a stage take their tasks from
+one queue, so the worker of a task is learnt from its events, and a dead worker's entries of a
+shared queue (read ahead, or taken and not started) go back to it for another worker.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Tokens per second assumed for a stage of a worker that reported none and has no profile yet.
 DEFAULT_CAPACITY = {"encode": 2000.0, "prefill": 2000.0, "decode": 200.0}
+#: Decode slots assumed of a decode stage that no live worker serves yet (shared queues).
+STAND_IN_SLOTS = 8
 
 
 class Cluster:
@@ -39,6 +45,7 @@ class Cluster:
         self._profile_window = profile_window
         self._task: asyncio.Task | None = None
         self._reaping: set[str] = set()
+        self.shared = backend.options.shared_queues
 
     # ---- registry ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -117,11 +124,46 @@ class Cluster:
         stream. (In memory each queue keeps its own records; nothing outlives the process.)"""
         return self.backend.queue(stage, "scheduler")
 
+    @property
+    def routable(self) -> list[Instance]:
+        """The instances to plan on: the live ones and, with shared queues, a stand-in for the
+        stages no live worker serves (their tasks wait in the shared queue until one starts, as
+        when an autoscaler brings a stage up from zero), assumed to have the default capacity."""
+        if not self.shared:
+            return self.instances
+        missing = {"encode", "prefill", "decode"} - {s for i in self.instances if not i.draining for s in i.stages}
+        if not missing:
+            return self.instances
+        from prism.queue.redis_queue import SHARED
+
+        stand_in = Instance(name=SHARED, address="", stages=frozenset(missing),
+                            capacity={s: self.stage_profile(s) or self.default_capacity[s] for s in missing},
+                            decode_slots=STAND_IN_SLOTS if "decode" in missing else 0)
+        return [*self.instances, stand_in]
+
+    async def address_of(self, name: str) -> str:
+        """The address of live worker `name` (the registry is read again when this view lacks it:
+        a worker that just started may have taken a task from a shared queue already)."""
+        if name not in self.infos:
+            await self.refresh()
+        info = self.infos.get(name)
+        if info is None:
+            raise NoInstance("any", f"worker {name!r} is not live")
+        return info.address
+
     async def reap(self, name: str, stages: Iterable[str]) -> int:
         """Handle a dead worker: fail its started tasks (their requests are retried), move its
         waiting ones to live workers. Returns the number of tasks failed or moved."""
         touched = 0
-        for task_id, stage in list(self.book.requests_on(name)):
+        tasks = list(self.book.requests_on(name))
+        if self.shared:
+            from prism.queue.redis_queue import SHARED, consumer_tasks
+
+            for stage in stages:  # what it took from the shared queues, maybe not booked to it yet
+                tasks += [(t, stage) for t in await consumer_tasks(
+                    self.backend.client, namespace=self.backend.options.namespace, stage=stage,
+                    instance=SHARED, consumer=name) if (t, stage) not in tasks]
+        for task_id, stage in tasks:
             queue = self.queue(stage, name)
             try:
                 state = await queue.state(task_id)
@@ -131,7 +173,15 @@ class Cluster:
                     touched += 1
             except UnknownTask:
                 pass
-        if self.backend.durable:
+        if self.shared:  # the entries it had read, taken or not: back to the shared queue
+            from prism.queue.redis_queue import SHARED, move_tasks
+
+            for stage in stages:
+                moved = await move_tasks(self.backend.client, namespace=self.backend.options.namespace,
+                                         stage=stage, from_instance=SHARED, consumer=name,
+                                         route=lambda item: SHARED)
+                touched += len(moved)
+        elif self.backend.durable:
             from prism.queue.redis_queue import move_tasks
 
             for stage in stages:
@@ -151,7 +201,7 @@ class Cluster:
         if not await registry.set_draining(name, True):
             raise KeyError(name)
         await self.refresh()
-        if not self.backend.durable:
+        if not self.backend.durable or self.shared:  # a draining worker puts back what it read ahead
             return 0
         from prism.queue.redis_queue import move_tasks
 

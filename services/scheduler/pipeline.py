@@ -111,7 +111,7 @@ class Pipeline:
         if not check_deadline:
             cost = dataclasses.replace(cost, deadline=None)
         try:
-            decision = self.admission.admit(cost, time.time(), self.cluster.book, self.cluster.instances)
+            decision = self.admission.admit(cost, time.time(), self.cluster.book, self.cluster.routable)
         except NoInstance as exc:
             raise StageError(grpc.StatusCode.UNAVAILABLE, f"no live worker for the {exc.stage} stage") from None
         if not decision.ok:
@@ -123,7 +123,7 @@ class Pipeline:
         """Where this attempt runs (a retry's workers are the live ones: the reaper has removed
         the lost one from the view)."""
         try:
-            return self.placement.decide(self.cost(adm, sent), self.cluster.instances, self.cluster.book)
+            return self.placement.decide(self.cost(adm, sent), self.cluster.routable, self.cluster.book)
         except NoInstance as exc:
             raise StageError(grpc.StatusCode.UNAVAILABLE, f"no live worker for the {exc.stage} stage") from None
 
@@ -151,10 +151,22 @@ class Pipeline:
         progress.tasks[item.task_id] = (stage, instance)
         self.cluster.book.add(item.task_id, stage, instance, cost)
 
+    async def _address(self, worker: str) -> str:
+        try:
+            return await self.cluster.address_of(worker)
+        except NoInstance:  # it died between taking the task and now: retried on live workers
+            raise StageError(grpc.StatusCode.UNAVAILABLE, f"worker {worker} is gone") from None
+
     async def _events(self, task_id: str, progress: Progress, *, replay: bool = False) -> AsyncIterator[TaskEvent]:
         stage, instance = progress.tasks[task_id]
         try:
             async for event in self.cluster.queue(stage, instance).watch(task_id, replay=replay):
+                worker = event.detail.get("worker")
+                if self.cluster.shared and isinstance(worker, str) and worker and worker != instance:
+                    # Taken from the shared queue by `worker`: its load and its output are there.
+                    self.cluster.book.move(task_id, stage, worker, from_instance=instance)
+                    progress.tasks[task_id] = (stage, worker)
+                    instance = worker
                 if stage == "encode" and event.state is TaskState.RUNNING:
                     progress.encode_started = True
                 if event.state is TaskState.CANCELLED and progress.reassigned is not None:
@@ -281,8 +293,11 @@ class Pipeline:
             nonlocal decode_queued
             if need_decode and not decode_queued:
                 decode_queued = True
+                upstream = progress.tasks[prefill_id][1]  # with shared queues, the worker that took it
+                if upstream != prefill_inst.name:
+                    decode_req.prefill_address = await self._address(upstream)
                 await self._put("decode", decode_inst.name, decode_req.header, decode_req.SerializeToString(),
-                                max_new - 1, progress, upstream=prefill_inst.name)
+                                max_new - 1, progress, upstream=upstream)
 
         first = None
         async for event in self._events(prefill_id, progress):
@@ -292,7 +307,7 @@ class Pipeline:
                 first = int(event.detail["first_token"])
                 compute_ms = float(event.detail.get("compute_ms", 0.0))
                 progress.prefill_ms = compute_ms
-                self.cluster.record(prefill_inst.name, "prefill", len(input_ids), compute_ms / 1000)
+                self.cluster.record(progress.tasks[prefill_id][1], "prefill", len(input_ids), compute_ms / 1000)
                 break
         if first is None:
             raise StageError(grpc.StatusCode.INTERNAL, "prefill ended the task without a first token")
@@ -312,6 +327,7 @@ class Pipeline:
             index_base = sent  # decode's index 0 is this attempt's first token
             decode_started, decoded = time.perf_counter(), 0
             async for event in self._events(decode_id, progress, replay=True):
+                decode_worker = progress.tasks[decode_id][1]
                 decoded += len(event.detail.get("tokens", ()))
                 new = [int(t) for t in event.detail.get("tokens", ())]
                 index = index_base + int(event.detail.get("index", 0))
@@ -334,10 +350,10 @@ class Pipeline:
             # of the steps' compute (reported by the worker), else over the wall time at the batch.
             share_s = float(event.detail.get("compute_ms", 0.0)) / 1000 if event.state is TaskState.DONE else 0.0
             if share_s > 0:
-                self.cluster.record(decode_inst.name, "decode", decoded, share_s)
+                self.cluster.record(decode_worker, "decode", decoded, share_s)
             else:
-                batch = max(1, self.cluster.book.slots_used(decode_inst.name) + 1)
-                self.cluster.record(decode_inst.name, "decode", decoded * batch, time.perf_counter() - decode_started)
+                batch = max(1, self.cluster.book.slots_used(decode_worker) + 1)
+                self.cluster.record(decode_worker, "decode", decoded * batch, time.perf_counter() - decode_started)
         self.placements[progress.placement] = self.placements.get(progress.placement, 0) + 1
         yield self._final(adm, progress, text, finish)
 
@@ -389,6 +405,9 @@ class Pipeline:
                             sum(adm.prompt.items[i].num_tokens for i in indexes), progress)
             sources.append(stages_pb2.EmbeddingSource(address=by_name[name].address, task_id=task_id, items=indexes))
         events = await asyncio.gather(*(self._until_ready(src.task_id, progress) for src in sources))
+        for src, name in zip(sources, groups):  # with shared queues, whoever took a task holds its output
+            if progress.tasks[src.task_id][1] != name:
+                src.address = await self._address(progress.tasks[src.task_id][1])
         for src, event in zip(sources, events):
             tokens = sum(adm.prompt.items[i].num_tokens for i in src.items)
             self.cluster.record(progress.tasks[src.task_id][1], "encode", tokens,

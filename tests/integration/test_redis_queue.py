@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from prism.queue import DuplicateTask, QueueFull, TaskState, UnknownTask, WorkItem
-from prism.queue.redis_queue import RedisWorkQueue, connect, move_tasks, pending_cost
+from prism.queue.redis_queue import SHARED, RedisWorkQueue, connect, consumer_tasks, move_tasks, pending_cost
 
 NS = "prism"
 QUEUED, RUNNING, DONE = TaskState.QUEUED, TaskState.RUNNING, TaskState.DONE
@@ -136,6 +136,70 @@ async def test_killed_consumer_task_moved_to_another_instance(clients) -> None:
     assert events[2].detail == {"attempt": 2, "instance": "w2"}
     assert await move_tasks(admin, namespace=NS, stage="encode", from_instance="w1", route=route) == []
     assert await move_tasks(admin, namespace=NS, stage="encode", from_instance="nobody", route=route) == []
+
+
+async def keda_view(client: aioredis.Redis, stream: str) -> dict:
+    """What KEDA's redis-streams scaler reads of group 'workers': XINFO GROUPS lag and pending."""
+    (group,) = await client.xinfo_groups(stream)
+    return {"lag": group["lag"], "pending": group["pending"], "consumers": group["consumers"]}
+
+
+async def test_shared_queue_spreads_work_and_shows_its_backlog_to_an_autoscaler(clients) -> None:
+    admin = clients()
+    producer = RedisWorkQueue(admin, stage="decode", instance=SHARED, block_ms=20)
+    stream = f"{NS}:q:decode:{SHARED}"
+    for name in "abcd":
+        await producer.put(item(name, cost=5))
+    assert await keda_view(admin, stream) == {"lag": 4, "pending": 0, "consumers": 0}  # no worker yet
+    one = RedisWorkQueue(clients(), stage="decode", instance=SHARED, consumer="w1", prefetch=1, block_ms=20)
+    two = RedisWorkQueue(clients(), stage="decode", instance=SHARED, consumer="w2", prefetch=1, block_ms=20)
+    a = await one.get(timeout=1)
+    b = await two.get(timeout=1)
+    assert (a.task_id, b.task_id) == ("a", "b")  # one stream, read in order by both workers
+    assert await keda_view(admin, stream) == {"lag": 2, "pending": 2, "consumers": 2}
+    assert await producer.depth() == 2
+    await one.set_state("a", TaskState.RUNNING)
+    await one.set_state("a", TaskState.DONE)
+    await one.ack("a")
+    assert await keda_view(admin, stream) == {"lag": 2, "pending": 1, "consumers": 2}
+    rest = [x.task_id for x in await drain(one)]
+    assert rest == ["c", "d"]
+    for tid in rest + ["b"]:
+        await producer.set_state(tid, TaskState.DONE)
+        await (one if tid != "b" else two).ack(tid)
+    assert await keda_view(admin, stream) == {"lag": 0, "pending": 0, "consumers": 2}
+    assert await admin.xlen(stream) == 0
+    for q in (one, two):
+        await q.close()
+        assert await q.retire()
+    assert (await keda_view(admin, stream))["consumers"] == 0  # no reader left behind
+
+
+async def test_dead_reader_of_a_shared_queue_gives_back_only_its_entries(clients) -> None:
+    admin = clients()
+    producer = RedisWorkQueue(admin, stage="encode", instance=SHARED, block_ms=20)
+    for name in "abcd":
+        await producer.put(item(name))
+    doomed_client = clients()
+    doomed = RedisWorkQueue(doomed_client, stage="encode", instance=SHARED, consumer="w1", prefetch=2, block_ms=20)
+    survivor = RedisWorkQueue(clients(), stage="encode", instance=SHARED, consumer="w2", prefetch=1, block_ms=20)
+    assert (await doomed.get(timeout=1)).task_id == "a"  # taken; "b" read ahead
+    await doomed.set_state("a", TaskState.RUNNING)
+    assert (await survivor.get(timeout=1)).task_id == "c"
+    await kill(doomed_client)
+    assert sorted(await consumer_tasks(admin, namespace=NS, stage="encode", instance=SHARED, consumer="w1")) == ["a", "b"]
+    # The scheduler's reaper: fail what the dead worker started, give back the rest.
+    await producer.set_state("a", TaskState.FAILED, code="UNAVAILABLE", message="worker lost")
+    moved = await move_tasks(admin, namespace=NS, stage="encode", from_instance=SHARED, consumer="w1",
+                             route=lambda it: SHARED)
+    assert moved == [("b", SHARED)]
+    assert await consumer_tasks(admin, namespace=NS, stage="encode", instance=SHARED, consumer="w2") == ["c"]
+    got = await drain(survivor)
+    # "b" was only read ahead, never handed out: no attempt used. (Order within a shared queue is
+    # the stream's: a reader buffers one entry, so a given-back entry follows those already added.)
+    assert sorted((g.task_id, g.attempt) for g in got) == [("b", 1), ("d", 1)]
+    names = {c["name"] for c in await admin.xinfo_consumers(f"{NS}:q:encode:{SHARED}", "workers")}
+    assert names == {b"w2"}  # the dead reader is gone from the group
 
 
 async def test_lost_worker_flow_fails_running_and_moves_waiting(clients) -> None:
