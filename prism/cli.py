@@ -57,6 +57,42 @@ def models_make(
     typer.echo(str(path))
 
 
+# ---- prism keys ... ---------------------------------------------------------------------------
+
+keys_app = typer.Typer(help="API keys of the front door.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    name: str = typer.Argument(..., help="The caller's name, as it appears on spans and metrics."),
+    rate: float = typer.Option(0.0, "--rate", help="Requests per second (0: unlimited)."),
+    burst: int = typer.Option(0, "--burst", help="Requests at once above the rate (0: max(1, rate))."),
+    concurrency: int = typer.Option(0, "--concurrency", help="Calls open at once (0: unlimited)."),
+    admin: bool = typer.Option(False, "--admin", help="May call the scheduler's admin service."),
+    add_to: Path | None = typer.Option(None, "--add-to", help="Append the entry to this key-ring file "
+                                       "(created if missing) instead of printing it."),
+) -> None:
+    """Make an API key: prints the key once (give it to the caller) and its key-ring entry, which
+    holds only the key's SHA-256 (give it to the scheduler: --api-keys-file or PRISM_SCHEDULER_API_KEYS)."""
+    import json
+
+    from services.scheduler.core.quota import KeyRing, KeyRingError, new_key
+
+    try:
+        key, entry = new_key(name, rate_per_s=rate, burst=burst, max_concurrent=concurrency, admin=admin)
+        if add_to is not None:
+            doc = json.loads(add_to.read_text()) if add_to.exists() else {"keys": []}
+            doc["keys"].append(entry)
+            KeyRing.from_json(json.dumps(doc))  # refuses a duplicate name before writing
+            add_to.write_text(json.dumps(doc, indent=2) + "\n")
+    except (KeyRingError, ValueError, KeyError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(key)
+    if add_to is None:
+        typer.echo(json.dumps(entry), err=True)
+
+
 # ---- prism up / prism demo ------------------------------------------------------------------
 
 @app.command("up")
@@ -76,6 +112,8 @@ def up(
     autoscale: bool = typer.Option(False, "--autoscale/--no-autoscale", help="Start and stop stage workers to match the scheduler's desired replicas."),
     min_replicas: int = typer.Option(1, "--min-replicas", help="Autoscaling: fewest workers per stage."),
     max_replicas: int = typer.Option(4, "--max-replicas", help="Autoscaling: most workers per stage."),
+    tls: bool = typer.Option(False, "--tls/--no-tls", help="Make a throwaway CA and certificate: mutual TLS between "
+                             "the services, TLS at the front door (callers trust <log-dir>/tls/ca.pem)."),
 ) -> None:
     """Start Redis (unless --redis-url), the stage workers and the scheduler as processes on
     loopback; Ctrl-C stops them."""
@@ -87,7 +125,7 @@ def up(
     options = DeploymentOptions(model_dir=model, dtype=dtype, device=device, threads=threads, slots=slots,
                                 max_len=max_len, host=host, port=port, log_dir=log_dir, redis_url=redis_url,
                                 layout=layout, placement=placement, autoscale=autoscale, min_replicas=min_replicas,
-                                max_replicas=max_replicas)
+                                max_replicas=max_replicas, tls=tls)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # explicitly: a process started in the background by a shell inherits SIGINT ignored, and
@@ -97,7 +135,13 @@ def up(
     try:
         typer.echo(f"starting Prism for {model} (logs in {deployment.log_dir})")
         deployment.start()
-        typer.echo(f"  {'redis':<14} {deployment.redis_url}")
+        from urllib.parse import urlsplit
+
+        where = urlsplit(deployment.redis_url)  # never print its password
+        typer.echo(f"  {'redis':<14} {where.scheme}://{where.hostname}:{where.port}{where.path}"
+                   f"{' (password-protected)' if where.password else ''}")
+        if deployment.certs is not None:
+            typer.echo(f"  {'tls':<14} mutual TLS between services; callers trust {deployment.certs.ca}")
         for name, address in deployment.endpoints().items():
             typer.echo(f"  {name:<14} {address}")
         typer.echo(f"serving on {deployment.address}; Ctrl-C to stop")

@@ -66,6 +66,9 @@ class DeploymentOptions:
     #: Extra arguments per process kind ("scheduler", "encode", "prefill", "decode", "worker").
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     start_timeout_s: float = 180.0
+    #: Make a throwaway CA and certificate (in the log directory): mutual TLS between the
+    #: processes, TLS at the front door (callers trust ``<log_dir>/tls/ca.pem``).
+    tls: bool = False
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -83,8 +86,16 @@ class Deployment:
             self._tmp = tempfile.TemporaryDirectory(prefix="prism-logs-")
             log_dir = Path(self._tmp.name)
         self.log_dir = Path(log_dir)
+        self.certs = None
+        tls = None
+        if options.tls:
+            from prism.runtime.tls import ClientTls, make_certs
+
+            self.certs = make_certs(self.log_dir / "tls")
+            tls = ClientTls(self.certs.ca, self.certs.cert, self.certs.key)
+        self.client_tls = tls
         self.supervisor = Supervisor(self.log_dir, env={"GLIBC_TUNABLES": GLIBC_TUNABLES}, host=options.host,
-                                     start_timeout_s=options.start_timeout_s, cwd=REPO_ROOT)
+                                     start_timeout_s=options.start_timeout_s, cwd=REPO_ROOT, tls=tls)
         self.redis = None
         self.redis_url = options.redis_url
         self._seq: dict[str, int] = {}
@@ -107,8 +118,17 @@ class Deployment:
 
     def _queue_args(self) -> list[str]:
         o = self.options
-        return ["--redis-url", self.redis_url, "--namespace", o.namespace, "--heartbeat-s", str(o.heartbeat_s),
-                "--worker-ttl-s", str(o.worker_ttl_s)]
+        return ["--namespace", o.namespace, "--heartbeat-s", str(o.heartbeat_s), "--worker-ttl-s", str(o.worker_ttl_s)]
+
+    def _tls_args(self, *, mutual: bool) -> list[str]:
+        if self.certs is None:
+            return []
+        args = ["--tls-cert", str(self.certs.cert), "--tls-key", str(self.certs.key)]
+        return args + ["--tls-ca", str(self.certs.ca)] if mutual else args
+
+    def _queue_env(self, module: str) -> dict[str, str]:
+        """The Redis URL goes by the environment, not the command line: it may hold a password."""
+        return {f"PRISM_{module.upper()}_REDIS_URL": self.redis_url}
 
     def start_worker(self, stages: tuple[str, ...]) -> str:
         """Start one worker process hosting `stages`; returns its name (also its registry name)."""
@@ -118,18 +138,19 @@ class Deployment:
             self._seq[kind] = self._seq.get(kind, 0) + 1
             name = f"{kind}-{self._seq[kind]}"
         model = ["--model-dir", str(o.model_dir), "--dtype", o.dtype, "--device", o.device, "--threads", str(o.threads)]
-        argv = ["--host", o.host, *model, *self._queue_args(), "--worker-name", name]
+        argv = ["--host", o.host, *model, *self._queue_args(), *self._tls_args(mutual=True), "--worker-name", name]
         if len(stages) == 1:
             stage = stages[0]
             if stage == "decode":
                 argv += ["--slots", str(o.slots), "--max-len", str(o.max_len)]
             argv += o.extra_args.get(stage, [])
-            self.supervisor.start_service(STAGE_MODULES[stage], argv, name=name,
+            self.supervisor.start_service(STAGE_MODULES[stage], argv, name=name, env=self._queue_env(STAGE_MODULES[stage]),
                                           health_service=STAGE_SERVICES[stage])
         else:
             argv += ["--stages", ",".join(stages), "--slots", str(o.slots), "--max-len", str(o.max_len),
                      *o.extra_args.get("worker", [])]
-            self.supervisor.start_service("worker", argv, name=name, health_service=STAGE_SERVICES[stages[-1]])
+            self.supervisor.start_service("worker", argv, name=name, env=self._queue_env("worker"),
+                                          health_service=STAGE_SERVICES[stages[-1]])
         return name
 
     def start(self) -> "Deployment":
@@ -138,7 +159,10 @@ class Deployment:
             if not self.redis_url:
                 from prism.runtime.redisproc import RedisProcess
 
-                self.redis = RedisProcess(self.log_dir / "redis", host=o.host).start()
+                import secrets
+
+                # Its own Redis, password-protected: other users of this machine cannot reach the queues.
+                self.redis = RedisProcess(self.log_dir / "redis", host=o.host, password=secrets.token_urlsafe(24)).start()
                 self.redis_url = self.redis.url
             for stages in LAYOUTS[o.layout]:
                 self.start_worker(stages)
@@ -156,12 +180,13 @@ class Deployment:
         """Start the scheduler (again, after `kill`: on `port` to keep its address)."""
         o = self.options
         sched = ["--host", o.host, "--model-dir", str(o.model_dir), "--max-context", str(o.max_len),
-                 *self._queue_args(), "--placement", o.placement, "--min-replicas", str(o.min_replicas),
+                 *self._queue_args(), *self._tls_args(mutual=False), "--placement", o.placement, "--min-replicas", str(o.min_replicas),
                  "--max-replicas", str(o.max_replicas), "--request-lease-s", str(o.request_lease_s),
                  *o.extra_args.get("scheduler", [])]
         if port or o.port:
             sched += ["--port", str(port or o.port)]
-        return self.supervisor.start_service("scheduler", sched, health_service="prism.v1.PrismService").address
+        return self.supervisor.start_service("scheduler", sched, env=self._queue_env("scheduler"),
+                                             health_service="prism.v1.PrismService").address
 
     def kill(self, name: str) -> None:
         """SIGKILL one process (a crash: no drain, no deregistration)."""
@@ -177,7 +202,9 @@ class Deployment:
 
         from prism.v1 import admin_pb2, admin_pb2_grpc
 
-        with grpc.insecure_channel(self.address) as channel:
+        from prism.runtime.tls import sync_channel
+
+        with sync_channel(self.address, self.client_tls) as channel:
             return admin_pb2_grpc.SchedulerAdminServiceStub(channel).GetStatus(admin_pb2.GetStatusRequest(),
                                                                               timeout=timeout)
 

@@ -28,6 +28,8 @@ MAX_SAMPLE_RATE = 384_000
 #: coprime rates (e.g. 383999 -> 16000) would cost seconds of CPU for any clip; such ratios are
 #: approximated (every common rate reduces to factors <= 640 and stays exact).
 MAX_RESAMPLE_FACTOR = 1_000
+#: Largest |sample| accepted in float audio (full scale is 1.0; int16 values sent as floats fit).
+MAX_SAMPLE_MAGNITUDE = 65536.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ def _finish_audio(samples: np.ndarray, rate: int, target_rate: int, field: str, 
         raise InputError(field, f"audio of {seconds:.2f} s exceeds the limit of {limits.max_audio_seconds:g} s")
     if not np.all(np.isfinite(samples)):
         raise InputError(field, "audio samples must be finite")
+    if samples.size and float(np.max(np.abs(samples))) > MAX_SAMPLE_MAGNITUDE:
+        # full scale is 1.0; far beyond it, resampling would overflow float32 (found by fuzzing)
+        raise InputError(field, f"audio samples must be within ±{MAX_SAMPLE_MAGNITUDE:g} (full scale is 1.0)")
     if rate != target_rate:
         from scipy.signal import resample_poly
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,30 +120,38 @@ async def redis_url(redis_server):
 STALL_DUMP_S = float(os.environ.get("PRISM_TEST_STALL_DUMP_S", "240"))
 
 
-def _dump_stall(nodeid: str) -> None:
+def _dump_stall(nodeid: str, out) -> None:
     import asyncio
+    import contextlib
     import faulthandler
     import gc
-    import sys
+    import traceback
 
-    err = sys.__stderr__
-    print(f"\n===== {nodeid} still running after {STALL_DUMP_S:.0f} s: asyncio tasks =====", file=err)
-    for loop in [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]:
-        if loop.is_closed():
-            continue
-        for task in list(asyncio.all_tasks(loop)):
-            print(f"--- {task!r}", file=err)
-            task.print_stack(limit=12, file=err)
-    print("===== thread stacks =====", file=err)
-    faulthandler.dump_traceback(file=err, all_threads=True)
-    err.flush()
+    with out.global_and_fixture_disabled() if out is not None else contextlib.nullcontext():
+        err = sys.stderr
+        print(f"\n===== {nodeid} still running after {STALL_DUMP_S:.0f} s: thread stacks =====", file=err, flush=True)
+        faulthandler.dump_traceback(file=err, all_threads=True)
+        print("===== asyncio tasks =====", file=err, flush=True)
+        try:
+            loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop) and not o.is_closed()]
+            for loop in loops:
+                for task in list(asyncio.all_tasks(loop)):
+                    print(f"--- {task!r}", file=err)
+                    for frame in task.get_stack(limit=12):
+                        print("".join(traceback.format_stack(frame, limit=1)).rstrip(), file=err)
+        except Exception as exc:  # noqa: BLE001 - the dump is best effort
+            print(f"(could not list the tasks: {exc!r})", file=err)
+        err.flush()
 
 
 @pytest.fixture(autouse=True)
 def _stall_watchdog(request):
+    """Dumps a stalled test's tasks and threads to the real stderr (with pytest's capture
+    suspended: what a test writes is captured, and lost if the run is killed)."""
     import threading
 
-    timer = threading.Timer(STALL_DUMP_S, _dump_stall, args=(request.node.nodeid,))
+    out = request.config.pluginmanager.get_plugin("capturemanager")
+    timer = threading.Timer(STALL_DUMP_S, _dump_stall, args=(request.node.nodeid, out))
     timer.daemon = True
     timer.start()
     yield

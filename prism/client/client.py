@@ -64,12 +64,17 @@ def _metadata(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
 
 
 class _Base:
-    def __init__(self, target: str, timeout: float | None, metadata: Metadata | None, credentials, options):
+    def __init__(self, target: str, timeout: float | None, metadata: Metadata | None, credentials, options,
+                 api_key: str | None = None):
         if not isinstance(target, str) or not target:
             raise TypeError("target must be a 'host:port' string")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise TypeError("api_key must be a non-empty string")
         self.target = target
         self.timeout = timeout
         self.metadata = _metadata(metadata)
+        if api_key is not None:  # sent with every call; the server keeps only its hash
+            self.metadata.append(("authorization", f"Bearer {api_key.strip()}"))
         self._credentials = credentials
         self._options = list(options or ())
 
@@ -235,7 +240,8 @@ class AsyncTokenStream:
 class PrismClient(_Base):
     """Blocking client. ``timeout`` (seconds) and ``metadata`` apply to every call unless a call
     gives its own (call metadata is added to the client's). ``credentials``: a
-    ``grpc.ChannelCredentials`` for TLS (insecure otherwise); ``options``: channel options."""
+    ``grpc.ChannelCredentials`` for TLS (insecure otherwise); ``options``: channel options;
+    ``api_key``: the deployment's key for this caller (sent as ``authorization: Bearer``)."""
 
     def __init__(
         self,
@@ -245,8 +251,9 @@ class PrismClient(_Base):
         metadata: Metadata | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
+        api_key: str | None = None,
     ):
-        super().__init__(target, timeout, metadata, credentials, options)
+        super().__init__(target, timeout, metadata, credentials, options, api_key)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=self._options)
         else:
@@ -352,8 +359,9 @@ class AsyncPrismClient(_Base):
         metadata: Metadata | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
+        api_key: str | None = None,
     ):
-        super().__init__(target, timeout, metadata, credentials, options)
+        super().__init__(target, timeout, metadata, credentials, options, api_key)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=self._options)
         else:

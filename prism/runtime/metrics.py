@@ -48,6 +48,8 @@ PENDING_TOKENS = Gauge("prism_pending_tokens", "Tokens of work booked on a stage
                        registry=REGISTRY)
 REPLICAS = Gauge("prism_replicas", "Workers of a stage: desired (autoscaler) and actual (live)", ["stage", "kind"],
                  registry=REGISTRY)
+API_REQUESTS = Counter("prism_api_requests", "Front-door calls by API key name (empty: no valid key) and status",
+                       ["key", "code"], registry=REGISTRY)
 SLO_ATTAINMENT = Gauge("prism_slo_attainment", "Fraction of recent requests meeting their targets, by stage",
                        ["stage"], registry=REGISTRY)
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,14 +73,17 @@ def read_port_file(path: str | os.PathLike[str]) -> int | None:
 
 
 def wait_for_serving(
-    address: str, *, service: str = "", timeout_s: float = 30.0, poll_s: float = 0.05
+    address: str, *, service: str = "", timeout_s: float = 30.0, poll_s: float = 0.05, tls: Any = None
 ) -> bool:
-    """Polls grpc health ``Check(service)`` at `address` until SERVING; False on timeout."""
+    """Polls grpc health ``Check(service)`` at `address` until SERVING; False on timeout. `tls`:
+    a `prism.runtime.tls.ClientTls` for servers that speak TLS."""
     import grpc  # local: keeps `write_port_file` importable without grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from prism.runtime.tls import sync_channel
+
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with sync_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             remaining = deadline - time.monotonic()
@@ -174,7 +178,9 @@ class Supervisor:
         stop_grace_s: float = 10.0,
         cwd: str | os.PathLike[str] | None = None,
         python: str = sys.executable,
+        tls: Any = None,
     ) -> None:
+        self.tls = tls  # ClientTls for the readiness checks of children serving TLS
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._env = dict(env or {})
@@ -286,7 +292,7 @@ class Supervisor:
             if remaining <= 0:
                 raise ChildStartError(name, f"not SERVING on {address} after {timeout_s:.1f}s",
                                       log_path, process.poll())
-            if wait_for_serving(address, service=health_service, timeout_s=min(0.5, remaining)):
+            if wait_for_serving(address, service=health_service, timeout_s=min(0.5, remaining), tls=self.tls):
                 return port
             if process.poll() is not None:
                 raise ChildStartError(name, f"exited with status {process.returncode}",

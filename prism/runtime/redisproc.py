@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 __all__ = ["RedisProcess", "RedisUnavailable", "free_port"]
 
@@ -35,8 +36,9 @@ class RedisProcess:
     """
 
     def __init__(self, data_dir: str | os.PathLike, *, port: int = 0, host: str = "127.0.0.1",
-                 appendonly: bool = True, executable: str | None = None):
+                 appendonly: bool = True, executable: str | None = None, password: str | None = None):
         self.data_dir = Path(data_dir)
+        self.password = password  # clients must AUTH (it is in `url`)
         self.host = host
         self.port = port or free_port(host)
         self.appendonly = appendonly
@@ -46,7 +48,8 @@ class RedisProcess:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -61,6 +64,8 @@ class RedisProcess:
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
                 "--save", "", "--protected-mode", "no", "--daemonize", "no",
                 "--logfile", str(self.data_dir / "redis.log")]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         self._wait_ready(timeout)
@@ -74,6 +79,11 @@ class RedisProcess:
                                        f"see {self.data_dir / 'redis.log'}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                    if self.password:  # RESP, so any byte of the password is safe
+                        pw = self.password.encode()
+                        s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
+                        if not s.recv(64).startswith(b"+OK"):
+                            raise RedisUnavailable("redis-server refused its own password")
                     s.sendall(b"PING\r\n")
                     if s.recv(64).startswith(b"+PONG"):
                         return

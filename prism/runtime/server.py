@@ -101,6 +101,22 @@ class ServerConfig:
         metadata={"help": "serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port; "
                           "-1: none"},
     )
+    tls_cert: Path | None = dataclasses.field(
+        default=None,
+        metadata={"help": "PEM certificate this process presents, as server and to its peers; without it "
+                          "gRPC is plain text (for loopback development: the log says so)"},
+    )
+    tls_key: Path | None = dataclasses.field(default=None, metadata={"help": "PEM private key of --tls-cert"})
+    tls_ca: Path | None = dataclasses.field(
+        default=None,
+        metadata={"help": "PEM certificate of the deployment's CA: callers must present a certificate it "
+                          "signed (mutual TLS; set on stage services), and peers dialled are checked against it"},
+    )
+    tls_server_name: str = dataclasses.field(
+        default="prism",
+        metadata={"help": "name every certificate of the deployment carries (subject alternative name): "
+                          "peers are dialled by address and checked under this name"},
+    )
     worker_name: str = dataclasses.field(
         default_factory=default_worker_name,
         metadata={"help": "this worker's name in responses, logs and traces "
@@ -116,6 +132,11 @@ class ServerConfig:
         check(self.drain_grace_s >= 0, "drain_grace_s",
               f"must be >= 0, got {self.drain_grace_s}")
         check(bool(self.worker_name.strip()), "worker_name", "must not be empty")
+        check((self.tls_cert is None) == (self.tls_key is None), "tls_key", "tls_cert and tls_key go together")
+        check(self.tls_ca is None or self.tls_cert is not None, "tls_ca", "needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            check(path is None or Path(path).is_file(), name, f"{path} is not a file")
 
 
 class _DrainingHealthServicer(health.aio.HealthServicer):
@@ -262,8 +283,16 @@ class StageServer:
             (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = format_address(cfg.host, cfg.port)
+        from prism.runtime.tls import server_credentials
+
+        credentials = server_credentials(cfg)
         try:
-            port = server.add_insecure_port(address)
+            if credentials is None:
+                log.warning("serving gRPC in plain text on %s (no --tls-cert): for loopback development only", address)
+                port = server.add_insecure_port(address)
+            else:
+                log.info("serving gRPC over %s on %s", "mutual TLS" if cfg.tls_ca else "TLS", address)
+                port = server.add_secure_port(address, credentials)
         except RuntimeError as e:  # grpc raises on bind failure (older versions returned 0)
             raise RuntimeError(f"could not bind {address}: {e}") from e
         if port == 0:

@@ -144,17 +144,22 @@ class HeldOutputs(Generic[T]):
 
 
 class Channels:
-    """One traced aio channel per upstream address, opened on first use."""
+    """One traced aio channel per upstream address, opened on first use; over mutual TLS when
+    the process has a certificate (`ServerConfig.tls_cert`), else plain text."""
 
-    def __init__(self, max_message_bytes: int):
-        self.max_message_bytes = max_message_bytes
+    def __init__(self, server_config: Any):
+        from prism.runtime.tls import channel_credentials
+
+        self.max_message_bytes = server_config.max_message_bytes
+        self._credentials, self._options = channel_credentials(server_config)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def __call__(self, address: str) -> grpc.aio.Channel:
         from prism.runtime.telemetry import instrumented_channel
 
         if address not in self._channels:
-            self._channels[address] = instrumented_channel(address, max_message_bytes=self.max_message_bytes)
+            self._channels[address] = instrumented_channel(address, self._options, max_message_bytes=self.max_message_bytes,
+                                                           credentials=self._credentials)
         return self._channels[address]
 
     async def close(self) -> None:
@@ -176,6 +181,8 @@ class StageApp:
     parts: dict[str, Any] = field(default_factory=dict)
     #: Further services registered by `register` (reported on health too).
     extra_services: tuple[str, ...] = ()
+    #: Server interceptors of this service (after the OpenTelemetry one), e.g. API keys.
+    interceptors: tuple[Any, ...] = ()
 
 
 class RunningStage:
@@ -213,7 +220,8 @@ async def start_stage(server_config: Any, app: StageApp, *, handle_signals: bool
 
     running: RunningStage
     server = StageServer(server_config, service_names=[app.service_name, *app.extra_services], registrars=[app.register],
-                         drain_hooks=[lambda: running.drain_worker()], handle_signals=handle_signals)
+                         drain_hooks=[lambda: running.drain_worker()], handle_signals=handle_signals,
+                         interceptors=app.interceptors)
     running = RunningStage(server, app)
     await server.start()
     if app.run_worker is not None:

@@ -38,6 +38,10 @@ DType = common_pb2.DType
 
 #: Most dimensions a received tensor may declare.
 MAX_DIMS = 32
+#: Most elements a received shape may describe, counting its non-zero dimensions only: far beyond
+#: any real tensor, and small enough that strides and byte sizes stay within int64 (a shape such
+#: as [16] * 22 + [0] holds no data, yet its strides overflow).
+MAX_ELEMENTS = 1 << 56
 
 #: Default size of one chunk's data on the wire (1 MiB: fast over loopback, far below gRPC's
 #: default 4 MiB receive limit).
@@ -99,6 +103,8 @@ def check_shape(shape: Sequence[int], *, field: str = "shape") -> tuple[int, ...
     for i, d in enumerate(dims):
         if d < 0:
             raise ValueError(f"{field}[{i}] is negative ({d})")
+    if math.prod(d for d in dims if d) > MAX_ELEMENTS:
+        raise ValueError(f"{field} {list(dims)} spans more than 2**56 elements")
     return dims
 
 

@@ -24,7 +24,7 @@ async def build(config: DecodeConfig, host: HostContext) -> StageApp:
         raise ConfigError("max_len", f"{config.max_len} exceeds the model's context of {lm.adapter.max_context}")
     engine = await compute.run(DecodeEngine, lm, config.slots, config.max_len)
     queue = host.queue("decode", config.queue_depth)
-    channels = Channels(config.server.max_message_bytes)
+    channels = Channels(config.server)
     worker = DecodeWorker(queue, engine, compute, channels, name=host.instance,
                           fetch_timeout_s=config.upstream_timeout_s, peers=host.peers)
     servicer = DecodeServicer(queue, worker)

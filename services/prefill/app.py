@@ -16,7 +16,7 @@ from services.prefill.worker import PrefillWorker
 async def build(config: PrefillConfig, host: HostContext) -> StageApp:
     engine = PrefillEngine(LanguageModel(await host.load(config.model, frozenset({LANGUAGE}))))
     queue = host.queue("prefill", config.queue_depth)
-    channels = Channels(config.server.max_message_bytes)
+    channels = Channels(config.server)
     worker = PrefillWorker(queue, engine, host.compute, channels, held_ttl_s=config.held_ttl_s,
                            name=host.instance, fetch_timeout_s=config.upstream_timeout_s, peers=host.peers,
                            max_batch_tokens=config.max_batch_tokens)

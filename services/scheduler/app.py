@@ -4,6 +4,7 @@ request-lease loops running beside them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 
@@ -13,6 +14,7 @@ from prism.runtime.stagework import StageApp
 from prism.runtime.telemetry import inject_trace_context
 from prism.v1 import admin_pb2_grpc, prism_pb2_grpc
 from services.scheduler.admin import AdminServicer, Scaling
+from services.scheduler.auth import ApiKeyInterceptor
 from services.scheduler.cluster import Cluster
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core import Admission, Limits, Placement
@@ -21,6 +23,8 @@ from services.scheduler.pipeline import Pipeline
 from services.scheduler.servicer import PrismServicer
 
 SERVICE_NAMES = ("prism.v1.PrismService", "prism.v1.SchedulerAdminService")
+
+log = logging.getLogger(__name__)
 
 
 async def build(config: SchedulerConfig, backend: Backend | None = None) -> StageApp:
@@ -83,6 +87,13 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
         if owns_backend:
             await backend.close()
 
+    ring = config.key_ring()
+    if ring.enabled:
+        log.info("API keys required at the front door: %d keys (%s)", len(ring), ", ".join(k.name for k in ring.keys))
+    else:
+        log.warning("no API keys configured: the front door accepts any caller (set --api-keys-file or "
+                    "PRISM_SCHEDULER_API_KEYS)")
+    interceptors = (ApiKeyInterceptor(ring),) if ring.enabled else ()
     return StageApp(SERVICE_NAMES[0], register, None, run, on_stop,
                     {"servicer": servicer, "pipeline": pipeline, "cluster": cluster, "admin": admin,
-                     "scaling": scaling, "backend": backend}, SERVICE_NAMES[1:])
+                     "scaling": scaling, "backend": backend}, SERVICE_NAMES[1:], interceptors)

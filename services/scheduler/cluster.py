@@ -157,7 +157,8 @@ class Cluster:
         touched = 0
         tasks = list(self.book.requests_on(name))
         if self.shared:
-            from prism.queue.redis_queue import SHARED, consumer_tasks
+            from prism.queue.redis_queue import SHARED
+            from prism.queue.redis_reclaim import consumer_tasks
 
             for stage in stages:  # what it took from the shared queues, maybe not booked to it yet
                 tasks += [(t, stage) for t in await consumer_tasks(
@@ -174,7 +175,8 @@ class Cluster:
             except UnknownTask:
                 pass
         if self.shared:  # the entries it had read, taken or not: back to the shared queue
-            from prism.queue.redis_queue import SHARED, move_tasks
+            from prism.queue.redis_queue import SHARED
+            from prism.queue.redis_reclaim import move_tasks
 
             for stage in stages:
                 moved = await move_tasks(self.backend.client, namespace=self.backend.options.namespace,
@@ -182,7 +184,7 @@ class Cluster:
                                          route=lambda item: SHARED)
                 touched += len(moved)
         elif self.backend.durable:
-            from prism.queue.redis_queue import move_tasks
+            from prism.queue.redis_reclaim import move_tasks
 
             for stage in stages:
                 try:
@@ -203,7 +205,7 @@ class Cluster:
         await self.refresh()
         if not self.backend.durable or self.shared:  # a draining worker puts back what it read ahead
             return 0
-        from prism.queue.redis_queue import move_tasks
+        from prism.queue.redis_reclaim import move_tasks
 
         info = await registry.get(name)
         moved = 0

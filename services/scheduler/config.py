@@ -7,6 +7,7 @@ from pathlib import Path
 from prism.runtime.backend import QueueOptions
 from prism.runtime.config import check
 from prism.runtime.server import ServerConfig
+from services.scheduler.core.quota import KeyRing, KeyRingError
 from services.scheduler.intake import Limits
 
 PLACEMENTS = ("adaptive", "split", "colocated")
@@ -78,6 +79,11 @@ class SchedulerConfig:
     worker_wait_s: float = field(default=120.0, metadata={"help": "seconds to wait at start-up for a worker of every stage"})
     selection_profile: str = field(default="", metadata={
         "help": "profile written by `prism profile`: the accuracy of each input reduction; without it no request's inputs are reduced"})
+    api_keys: str = field(default="", metadata={
+        "help": 'API keys, as JSON {"keys": [{"name", "sha256", "rate_per_s", "burst", "max_concurrent", "admin"}]} '
+                "(hashes only: `prism keys new` makes a key and its entry), usually from the environment "
+                "(PRISM_SCHEDULER_API_KEYS); with keys from here or api_keys_file, every call needs one"})
+    api_keys_file: Path | None = field(default=None, metadata={"help": "a file holding the API keys' JSON (see api_keys)"})
     request_lease_s: float = field(default=10.0, metadata={
         "help": "an accepted request whose scheduler has not renewed its lease this long is taken over by another (or a restarted) scheduler"})
 
@@ -88,6 +94,19 @@ class SchedulerConfig:
         check(self.request_lease_s > 0, "request_lease_s", "must be > 0")
         check(not self.selection_profile or Path(self.selection_profile).is_file(), "selection_profile",
               f"{self.selection_profile} is not a file")
+        check(self.api_keys_file is None or Path(self.api_keys_file).is_file(), "api_keys_file",
+              f"{self.api_keys_file} is not a file")
+        try:
+            self.key_ring()
+        except KeyRingError as exc:
+            check(False, "api_keys_file" if self.api_keys_file else "api_keys", str(exc))
+
+    def key_ring(self) -> KeyRing:
+        """The API keys of `api_keys` and `api_keys_file` together (none: the door is open)."""
+        keys = list(KeyRing.from_json(self.api_keys).keys) if self.api_keys.strip() else []
+        if self.api_keys_file is not None:
+            keys += list(KeyRing.from_json(Path(self.api_keys_file).read_text()).keys)
+        return KeyRing(keys)
 
     @property
     def served_name(self) -> str:

@@ -43,6 +43,9 @@ class Limits:
     max_stop_length: int = field(default=128, metadata={"help": "characters per stop string"})
     max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "pixels per image (width x height)"})
     max_audio_seconds: float = field(default=30.0, metadata={"help": "seconds per audio clip"})
+    max_prompt_tokens: int = field(default=0, metadata={"help": "prompt tokens per request, media tokens included "
+                                                                "(0: the model's context less max_new_tokens)"})
+    max_deadline_ms: int = field(default=3_600_000, metadata={"help": "longest slo.deadline_ms accepted (0: any)"})
 
     def __post_init__(self) -> None:
         from prism.runtime.config import check
@@ -56,6 +59,8 @@ class Limits:
         check(self.max_stop_length >= 1, "max_stop_length", "must be >= 1")
         check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
         check(self.max_audio_seconds > 0, "max_audio_seconds", "must be > 0")
+        check(self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0")
+        check(self.max_deadline_ms >= 0, "max_deadline_ms", "must be >= 0")
 
     @property
     def media(self) -> MediaLimits:
@@ -270,6 +275,8 @@ def admit(req: prism_pb2.GenerateRequest, models: dict[str, ServedModel], defaul
     sampling, max_new = _sampling(req, model, limits)
     if req.slo.deadline_ms < 0 or req.slo.ttft_ms < 0 or req.slo.tpot_ms < 0:
         raise _invalid("slo", "targets must not be negative")
+    if limits.max_deadline_ms and req.slo.deadline_ms > limits.max_deadline_ms:
+        raise _invalid("slo.deadline_ms", f"{req.slo.deadline_ms} ms is more than the {limits.max_deadline_ms} ms allowed")
     text, modalities, media, source, add_prompt = _prompt_text(req, model, limits)
     allowed, floor = _selection(req)
     images = [m for k, m in zip(modalities, media) if k == IMAGE]
@@ -289,6 +296,9 @@ def admit(req: prism_pb2.GenerateRequest, models: dict[str, ServedModel], defaul
             if item.num_tokens < 1:
                 raise _invalid(f, f"{modality} is too short for model {model.name!r}: it yields no {modality} tokens")
     total = len(prepared.input_ids)
+    if limits.max_prompt_tokens and total > limits.max_prompt_tokens:
+        raise _invalid("prompt", f"{total} prompt tokens (image {prepared.tokens_of(IMAGE)}, audio "
+                                 f"{prepared.tokens_of(AUDIO)}) are more than the {limits.max_prompt_tokens} allowed")
     if total + max_new > model.max_context:
         raise _invalid(
             "prompt",

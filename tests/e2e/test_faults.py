@@ -112,7 +112,7 @@ def test_scheduler_killed_and_restarted_requests_complete(tiny_models, tmp_path,
         restarted = threading.Event()
 
         def on_token(count: int) -> None:
-            if count == 4 and not restarted.is_set():
+            if count >= 4 and not restarted.is_set():  # a chunk may carry several tokens
                 d.kill("scheduler")
                 restarted.set()
                 threading.Thread(target=d.start_scheduler, args=(port,), daemon=True).start()

@@ -32,10 +32,10 @@ def chat(text: str, images: list[bytes] = (), max_new_tokens: int = 6, ignore_eo
         sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos), **kw)
 
 
-async def collect(stub, request) -> tuple[list[int], prism_pb2.GenerateResponse]:
+async def collect(stub, request, metadata=None) -> tuple[list[int], prism_pb2.GenerateResponse]:
     """All tokens of a Generate stream, and its last message."""
     tokens, last = [], None
-    async for message in stub.Generate(request):
+    async for message in stub.Generate(request, metadata=metadata):
         tokens.extend(message.token_ids)
         last = message
     return tokens, last
@@ -52,7 +52,8 @@ class LocalCluster:
     def __init__(self, model_dir: Path, workers: list[tuple[str, ...]], *, redis_url: str = "",
                  placement: str = "adaptive", slots: int = 2, max_len: int = 512,
                  queue: QueueOptions | None = None, policy: Policy | None = None, worker_args: dict | None = None,
-                 selection_profile: str = "", otel: bool = False, metrics: bool = False):
+                 selection_profile: str = "", otel: bool = False, metrics: bool = False,
+                 scheduler_args: dict | None = None, tls=None):
         self.model_dir = Path(model_dir)
         self.layout = list(workers)
         self.queue_options = queue or QueueOptions(redis_url=redis_url, heartbeat_s=0.2, worker_ttl_s=1.0)
@@ -60,6 +61,8 @@ class LocalCluster:
         self.slots, self.max_len = slots, max_len
         self.worker_args = worker_args or {}
         self.selection_profile = selection_profile
+        self.scheduler_args = scheduler_args or {}  # more SchedulerConfig fields (api_keys...)
+        self.tls = tls  # prism.runtime.tls.CertPaths: mutual TLS between stages, TLS at the front door
         self.otel = otel  # OpenTelemetry interceptors on every server (spans go to the global provider)
         self.metrics = metrics  # the scheduler serves /metrics (this process's registry: every part's series)
         self.shared = None if self.queue_options.redis_url else Backend(self.queue_options)
@@ -75,7 +78,7 @@ class LocalCluster:
         self._seq += 1
         name = name or f"{'+'.join(stages)}-{self._seq}"
         config = WorkerConfig(model=ModelOptions(model_dir=self.model_dir, threads=1), stages=",".join(stages),
-                              server=server(name, self.otel), queue=self.queue_options, slots=self.slots, max_len=self.max_len,
+                              server=self._tls(server(name, self.otel), mutual=True), queue=self.queue_options, slots=self.slots, max_len=self.max_len,
                               fetch_wait_s=2, **self.worker_args)
         specs: list[StageSpec] = worker_specs(config)
         host = WorkerHost(specs, config.server, self.queue_options, model_name=self.model_dir.resolve().name,
@@ -87,14 +90,24 @@ class LocalCluster:
     async def start(self) -> "LocalCluster":
         for stages in self.layout:
             await self.add_worker(stages)
-        config = SchedulerConfig(model_dir=self.model_dir, max_context=self.max_len, server=server("scheduler", self.otel, self.metrics),
+        config = SchedulerConfig(model_dir=self.model_dir, max_context=self.max_len,
+                                 server=self._tls(server("scheduler", self.otel, self.metrics), mutual=False),
                                  queue=self.queue_options, policy=self.policy, request_lease_s=2.0,
-                                 selection_profile=self.selection_profile)
+                                 selection_profile=self.selection_profile, **self.scheduler_args)
         self.scheduler = await start_stage(config.server, await build_scheduler(config, self.backend()),
                                            handle_signals=False)
-        self.channel = grpc.aio.insecure_channel(self.scheduler.address)
+        if self.tls is None:
+            self.channel = grpc.aio.insecure_channel(self.scheduler.address)
+        else:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.tls.ca.read_bytes())
+            self.channel = grpc.aio.secure_channel(self.scheduler.address, creds)
         await self.wait_workers(len(self.hosts))
         return self
+
+    def _tls(self, cfg: ServerConfig, *, mutual: bool) -> ServerConfig:
+        if self.tls is None:
+            return cfg
+        return replace(cfg, tls_cert=self.tls.cert, tls_key=self.tls.key, tls_ca=self.tls.ca if mutual else None)
 
     @property
     def parts(self) -> dict:

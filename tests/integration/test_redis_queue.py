@@ -11,7 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from prism.queue import DuplicateTask, QueueFull, TaskState, UnknownTask, WorkItem
-from prism.queue.redis_queue import SHARED, RedisWorkQueue, connect, consumer_tasks, move_tasks, pending_cost
+from prism.queue.redis_queue import SHARED, RedisWorkQueue, connect
+from prism.queue.redis_reclaim import consumer_tasks, move_tasks, pending_cost
 
 NS = "prism"
 QUEUED, RUNNING, DONE = TaskState.QUEUED, TaskState.RUNNING, TaskState.DONE

@@ -44,7 +44,8 @@ async def test_shared_queues_serve_exact_tokens_from_one_stream_per_stage(tiny_m
     layout = [("encode",), ("encode",), ("prefill",), ("decode",), ("decode",)]
     async with LocalCluster(tiny_models["llava"], layout, queue=shared(redis_url), slots=4) as c:
         cases = [(f"shared {i}", [png_bytes(70 + j) for j in range(i % 3)], 3 + i) for i in range(8)]
-        results = await asyncio.gather(*[collect(c.stub, chat(t, imgs, n)) for t, imgs, n in cases])
+        async with asyncio.timeout(120):
+            results = await asyncio.gather(*[collect(c.stub, chat(t, imgs, n)) for t, imgs, n in cases])
         for (text, imgs, n), (tokens, last) in zip(cases, results):
             assert tokens == oracle.chat(text, [random_image(70 + j) for j in range(len(imgs))], n), text
         client = aioredis.from_url(redis_url)
@@ -96,7 +97,8 @@ async def test_a_drained_worker_stops_reading_the_shared_queue(tiny_models, orac
                 await asyncio.sleep(0.05)
         before = list(worker.batch_sizes)
         cases = [(f"after drain {i}", 4 + i) for i in range(4)]
-        results = await asyncio.gather(*[collect(c.stub, chat(t, [], n)) for t, n in cases])
+        async with asyncio.timeout(60):  # a stall fails here, named
+            results = await asyncio.gather(*[collect(c.stub, chat(t, [], n)) for t, n in cases])
         for (text, n), (tokens, _) in zip(cases, results):
             assert tokens == oracle.chat(text, [], n)
         assert list(worker.batch_sizes) == before  # every decode went to the other worker

@@ -527,3 +527,23 @@ def test_audio_too_short_to_yield_a_token_is_refused(models):
     refused(req, models, "chat.messages[1].content[0].media", "INVALID_ARGUMENT", "too short")
     a = admit(pb.GenerateRequest(model="tiny-audio", prompt="hi", media=[_pcm_samples(321)]), models, "tiny-llava", LIMITS)
     assert a.audio_tokens == 1
+
+
+def test_prompt_token_limit_counts_media_tokens(models, tokens_per_image):
+    req = pb.GenerateRequest(chat=chat(("user", [media(image_part(1)), text("what is it")])))
+    admitted = admit(req, models, "tiny-llava", LIMITS)
+    n = len(admitted.prompt.input_ids)
+    assert n > tokens_per_image
+    assert len(admit(req, models, "tiny-llava", Limits(max_prompt_tokens=n)).prompt.input_ids) == n  # inclusive
+    refused(req, models, "prompt", "INVALID_ARGUMENT", f"{n} prompt tokens", f"image {tokens_per_image}",
+            f"more than the {n - 1} allowed", limits=Limits(max_prompt_tokens=n - 1))
+
+
+def test_request_deadline_limit(models):
+    req = pb.GenerateRequest(prompt="hi", slo=pb.Slo(deadline_ms=5001))
+    refused(req, models, "slo.deadline_ms", "INVALID_ARGUMENT", "5001 ms", "5000 ms allowed",
+            limits=Limits(max_deadline_ms=5000))
+    req.slo.deadline_ms = 5000
+    assert admit(req, models, "tiny-llava", Limits(max_deadline_ms=5000)).deadline is not None
+    req.slo.deadline_ms = 10**9
+    assert admit(req, models, "tiny-llava", Limits(max_deadline_ms=0)).deadline is not None  # 0: any

@@ -605,3 +605,11 @@ def test_fuzz_decode_wav_mutated_files(kind, changes, cut):
        st.integers(-(2**31), 2**31 - 1) | st.integers(0, 3))
 def test_fuzz_decode_pcm(data, rate, channels):
     _audio_ok_or_input_error(lambda: decode_pcm(data, rate, channels, PCM, 16000, LIMITS), PCM)
+
+
+def test_pcm_samples_far_beyond_full_scale_are_refused():
+    # found by atheris: finite float32 samples near 3.4e38 overflowed to inf when resampled
+    data = (np.full(64, 3.3e38, "<f4")).tobytes()
+    refused(lambda: decode_pcm(data, 32639, 1, PCM, 16000, LIMITS), f"{PCM}.samples_f32le", "within ±65536")
+    ok = decode_pcm((np.full(64, 32767.0, "<f4")).tobytes(), 32000, 1, PCM, 16000, LIMITS)  # int16-scale floats pass
+    assert np.all(np.isfinite(ok))

@@ -117,7 +117,10 @@ def test_tensor_from_proto_is_a_view_of_the_message_bytes():
         (common_pb2.Tensor(dtype=0, shape=[1], data=b"\0"), r"emb\.dtype is unspecified"),
         (common_pb2.Tensor(dtype=42, shape=[1], data=b"\0"), r"emb\.dtype: unknown DType value 42"),
         (common_pb2.Tensor(dtype=6, shape=[1] * (MAX_DIMS + 1), data=b"\0"), r"emb\.shape has 33 dimensions"),
-        (common_pb2.Tensor(dtype=6, shape=[1 << 40, 1 << 40], data=b"\0"), r"emb\.data has 1 bytes"),
+        (common_pb2.Tensor(dtype=6, shape=[1 << 40, 1 << 40], data=b"\0"), r"emb\.shape .* spans more than 2\*\*56"),
+        (common_pb2.Tensor(dtype=6, shape=[1 << 28, 1 << 28], data=b"\0"), r"emb\.data has 1 bytes"),
+        # found by atheris: no data, yet the non-zero dimensions overflow torch's strides
+        (common_pb2.Tensor(dtype=1, shape=[16] * 22 + [0], data=b""), r"emb\.shape .* spans more than 2\*\*56"),
     ],
 )
 def test_tensor_from_proto_rejects_bad_messages(msg, match):
