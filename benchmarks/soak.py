@@ -8,8 +8,8 @@ second), baseline (open loop at half that rate), overload (twice it), recovery (
 Every request carries a deadline; each ends with tokens (OK) or a status. Reported as JSON:
 requests sent, succeeded, refused by status, lost (a request with no answer or an imprecise
 status -- INTERNAL, UNKNOWN: must be 0), latency per phase, memory (RSS) per service at baseline,
-peak and end, and whether the queues drained, memory returned to its baseline and latency
-recovered. tests/e2e/test_soak.py runs a short form in CI.
+peak and end, and whether the queues drained, memory of Prism's processes returned to its
+baseline (Redis keeps finished tasks' records for terminal_ttl_s by design) and latency recovered. tests/e2e/test_soak.py runs a short form in CI.
 """
 from __future__ import annotations
 
@@ -171,7 +171,11 @@ def run(model_dir: Path, *, calibrate_s: float, baseline_s: float, overload_s: f
     lost = sum(n for code, n in total.items() if code not in PRECISE)
     memory = {n: {"baseline_mb": baseline_mem[n], "peak_mb": max(sampler.peak[n], baseline_mem[n]),
                   "final_mb": final_mem[n]} for n in pids}
-    returned = all(m["final_mb"] <= max(m["baseline_mb"] * MEMORY_SLACK, m["baseline_mb"] + 64) for m in memory.values())
+    # Redis keeps each finished task's record and events for terminal_ttl_s (300 s) and accepted
+    # requests for their lease: its memory follows the recent request count by design, so the
+    # return to baseline is asked of Prism's own processes.
+    returned = all(m["final_mb"] <= max(m["baseline_mb"] * MEMORY_SLACK, m["baseline_mb"] + 64)
+                   for n, m in memory.items() if n != "redis")
     b50, r50 = base.report()["e2e_p50_s"], recover.report()["e2e_p50_s"]
     return {
         "sustainable_rps": round(sustainable, 3), "deadline_ms": deadline_ms,

@@ -66,6 +66,8 @@ the stage as consumer ``<worker name>``; never a worker's name."""
 _DEFAULT_TTL_MS = 300_000  # fallbacks for records without their own (written by other versions)
 _DEFAULT_MAX_ATTEMPTS = 3
 WATCH_BLOCK_MS = 1000  # a watcher's blocking read (new events end it at once)
+MAX_CONNECTIONS = 4000
+"""Connections one client may open (Redis allows 10000 clients by default)."""
 RESCAN_S = 5.0
 """An idle worker re-reads its own pending entries this often, to take back any entry whose
 delivery reply was lost (a connection cut between the server's read and the client's)."""
@@ -393,14 +395,18 @@ def _check_name(name: str, value: Any, *, colon: bool = True) -> None:
 def connect(url: str, **options: Any) -> aioredis.Redis:
     """An asyncio Redis client for the queues: raw bytes (``decode_responses=False``), commands
     retried with jittered exponential backoff (up to ~20 s) on connection errors and timeouts --
-    so a Redis restart is ridden out -- and a PING before a command on a connection idle for
-    more than 15 s. `options` override any of these (`redis.asyncio.Redis.from_url` arguments)."""
+    so a Redis restart is ridden out -- a PING before a command on a connection idle for more
+    than 15 s, and up to `MAX_CONNECTIONS` connections. `options` override any of these
+    (`redis.asyncio.Redis.from_url` arguments)."""
     settings: dict[str, Any] = {
         "decode_responses": False,
         "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=25),
         "health_check_interval": 15,
         "socket_connect_timeout": 5.0,
         "socket_keepalive": True,
+        # Each watcher holds a connection for its blocking read, and under overload the scheduler
+        # follows hundreds of tasks: redis-py's default pool (100) failed the 101st (soak test).
+        "max_connections": MAX_CONNECTIONS,
     }
     settings.update(options)
     if settings["decode_responses"]:

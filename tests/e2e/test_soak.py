@@ -5,6 +5,7 @@ latency recovers."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_overload_then_recovery_loses_nothing(tiny_models, tmp_path):
     spec = importlib.util.spec_from_file_location("soak", ROOT / "benchmarks" / "soak.py")
     soak = importlib.util.module_from_spec(spec)
+    sys.modules["soak"] = soak  # its dataclasses look their module up
     spec.loader.exec_module(soak)
     report = soak.run(tiny_models["llava"], calibrate_s=6, baseline_s=8, overload_s=25, recover_s=15,
                       log_dir=tmp_path / "logs")

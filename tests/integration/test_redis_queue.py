@@ -504,6 +504,7 @@ def test_connect_settings_and_argument_validation(redis_url) -> None:
     assert not kwargs.get("decode_responses")
     with pytest.raises(ValueError, match="decode_responses"):
         connect(redis_url, decode_responses=True)
+    assert client.connection_pool.max_connections >= 1000
     with pytest.raises(ValueError, match="decode_responses"):
         RedisWorkQueue(aioredis.from_url(redis_url, decode_responses=True), stage="encode", instance="w")
     for name, bad in (("max_depth", 0), ("max_attempts", 0), ("prefetch", 0), ("block_ms", 0),
@@ -520,3 +521,4 @@ async def _states(q, task_id: str) -> list[TaskState]:
 
 async def _events(q, task_id: str) -> list:
     return [ev async for ev in q.watch(task_id)]
+

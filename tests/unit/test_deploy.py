@@ -131,3 +131,41 @@ def test_advertised_address_is_what_peers_dial():
         return out
 
     assert asyncio.run(addresses()) == ["127.0.0.1", "encoder", socket.gethostbyname(socket.gethostname())]
+
+
+@pytest.mark.parametrize("profiles, stages", [("split", {"encoder", "prefill", "decode"}), ("colocated", {"worker"})])
+def test_compose_tls_override_puts_every_link_on_tls(tmp_path, tiny_models, profiles, stages):
+    """deploy/compose/tls.yaml over compose.yaml: certificates mounted read-only, each Prism
+    service's config (command plus environment) serving TLS -- mutual on the stages -- and its
+    health probe speaking TLS."""
+    from importlib import import_module
+
+    from prism.runtime.config import config_from_cli
+    from prism.runtime.tls import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    env = {**os.environ, "PRISM_MODEL_DIR": str(tmp_path), "PRISM_TLS_DIR": str(certs.ca.parent),
+           "COMPOSE_PROFILES": profiles}
+    out = subprocess.run([compose_binary(), "-f", str(COMPOSE), "-f", str(COMPOSE.parent / "tls.yaml"), "config",
+                          "--format", "json"], capture_output=True, text=True, env=env, timeout=60, cwd=COMPOSE.parent)
+    assert out.returncode == 0, out.stderr
+    services = json.loads(out.stdout)["services"]
+    assert set(services) == {"redis", "otel-collector", "jaeger", "scheduler"} | stages
+    for name in {"scheduler"} | stages:
+        svc = services[name]
+        tls = [v for v in svc["volumes"] if v["target"] == "/tls"]
+        assert tls and tls[0]["read_only"] and tls[0]["source"] == str(certs.ca.parent), name
+        argv = svc["command"]
+        cls_path, prefix = CONFIGS[argv[2]]
+        module, cls = cls_path.split(":")
+        args = [f"--model-dir={tiny_models['llava']}" if a == "--model-dir=/model" else a for a in argv[3:]]
+        environ = {k: v.replace("/tls/", f"{certs.ca.parent}/") for k, v in svc["environment"].items()}
+        config = config_from_cli(getattr(import_module(module), cls), env_prefix=prefix, argv=args, environ=environ)
+        assert config.server.tls_cert == certs.cert and config.server.tls_key == certs.key, name
+        assert config.server.tls_ca == (None if name == "scheduler" else certs.ca), name  # mutual between stages
+        probe = {k for k in svc["environment"] if k.startswith("PRISM_TLS_")}
+        assert probe == ({"PRISM_TLS_CA"} if name == "scheduler" else {"PRISM_TLS_CA", "PRISM_TLS_CERT", "PRISM_TLS_KEY"})
+    missing = subprocess.run([compose_binary(), "-f", str(COMPOSE), "-f", str(COMPOSE.parent / "tls.yaml"), "config",
+                              "--quiet"], capture_output=True, text=True, timeout=60, cwd=COMPOSE.parent,
+                             env={k: v for k, v in env.items() if k != "PRISM_TLS_DIR"})
+    assert missing.returncode != 0 and "PRISM_TLS_DIR" in missing.stderr

@@ -2,7 +2,9 @@
 API against its schema in strict mode (kubernetes-validate, bundled OpenAPI schemas: unknown
 fields are errors, as with server-side field validation), every KEDA object against KEDA's CRD
 schema (@kubernetes-models/keda under Node.js), and what no schema knows: each Prism container's
-arguments parse with that service's own config, each stage runs on shared queues, and each
+arguments and environment parse with that service's own config, every link is TLS (mutual between
+stages, health probes included), the Redis password comes from a Secret and never from the
+command line, each stage runs on shared queues, and each
 stage's ScaledObject watches exactly the Redis stream and consumer group that its workers read,
 with a lag trigger and a pending-entries trigger. Planted errors fail each check."""
 from __future__ import annotations
@@ -67,24 +69,39 @@ def keda_check(*files: Path) -> tuple[int, dict]:
     return out.returncode, json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def container_config(container: dict, model_dir: Path):
-    """The service's own config, parsed from the container's arguments ($(VAR)s filled in)."""
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    from prism.runtime.tls import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("tls"))
+
+
+def container_config(container: dict, model_dir: Path, certs):
+    """The service's own config, parsed from the container's arguments and environment, as the
+    kubelet expands them ($(VAR) from the container's env; the secret's files in /tls)."""
     argv = container["args"]
     assert argv[:2] == ["python", "-m"] and argv[2] in CONFIGS, argv
     cls_path, prefix = CONFIGS[argv[2]]
     module, cls = cls_path.split(":")
-    fill = {"$(POD_NAME)": "prism-decode-7d9f-abcde", "$(POD_IP)": "10.1.2.3", "/model": str(model_dir)}
-    args = []
-    for a in argv[3:]:
+    fill = {"$(POD_NAME)": "prism-decode-7d9f-abcde", "$(POD_IP)": "10.1.2.3", "$(REDIS_PASSWORD)": "pw",
+            "/model": str(model_dir), "/tls/": f"{certs.ca.parent}/"}
+
+    def expand(a: str) -> str:
         for var, value in fill.items():
             a = a.replace(var, value)
-        args.append(a)
-    env = {e["name"] for e in container.get("env", ())}
-    assert {v[2:-1] for a in argv for v in ("$(POD_NAME)", "$(POD_IP)") if v in a} <= env  # defined for expansion
-    return argv[2], config_from_cli(getattr(import_module(module), cls), env_prefix=prefix, argv=args, environ={})
+        return a
+
+    defined = {e["name"] for e in container.get("env", ())}
+    for text in [*argv, *(e.get("value", "") for e in container.get("env", ()))]:
+        for var in ("POD_NAME", "POD_IP", "REDIS_PASSWORD"):
+            assert f"$({var})" not in text or var in defined, (var, text)  # defined, so the kubelet expands it
+    environ = {e["name"]: expand(e["value"]) for e in container.get("env", ()) if "value" in e}
+    args = [expand(a) for a in argv[3:]]
+    return argv[2], config_from_cli(getattr(import_module(module), cls), env_prefix=prefix, argv=args,
+                                    environ=environ), environ
 
 
-def scaling_problems(docs: list[tuple[Path, dict]], model_dir: Path) -> list[str]:
+def scaling_problems(docs: list[tuple[Path, dict]], model_dir: Path, certs) -> list[str]:
     """What a schema cannot see: each stage Deployment and the ScaledObject that scales it agree
     with the queues the code reads."""
     problems = []
@@ -101,12 +118,23 @@ def scaling_problems(docs: list[tuple[Path, dict]], model_dir: Path) -> list[str
         (container,) = spec["containers"]
         if container["image"] != "prism":
             continue
-        module, config = container_config(container, model_dir)
-        probe = container["readinessProbe"]["grpc"]
-        if probe.get("service") != SERVICE_OF[module] or probe["port"] != config.server.port:
-            problems.append(f"{name}: readiness probe {probe} is not {SERVICE_OF[module]} on {config.server.port}")
-        if not config.queue.shared_queues or config.queue.redis_url != "redis://redis:6379/0":
-            problems.append(f"{name}: not on the shared queues of redis://redis:6379/0")
+        module, config, environ = container_config(container, model_dir, certs)
+        want = ["python", "-m", "prism.runtime.healthcheck", f"127.0.0.1:{config.server.port}", SERVICE_OF[module]]
+        for probe in ("startupProbe", "readinessProbe"):
+            if container[probe].get("exec", {}).get("command") != want:
+                problems.append(f"{name}: {probe} is not {want}")
+        mutual = module != "services.scheduler"
+        if config.server.tls_cert is None or (config.server.tls_ca is not None) != mutual:
+            problems.append(f"{name}: not {'mutual ' if mutual else ''}TLS")
+        probe_tls = {k for k in ("PRISM_TLS_CA", "PRISM_TLS_CERT", "PRISM_TLS_KEY") if k in environ}
+        if probe_tls != ({"PRISM_TLS_CA", "PRISM_TLS_CERT", "PRISM_TLS_KEY"} if mutual else {"PRISM_TLS_CA"}):
+            problems.append(f"{name}: its health probe lacks TLS settings ({sorted(probe_tls)})")
+        if not any(v.get("secret", {}).get("secretName") == "prism-tls" for v in spec["volumes"]):
+            problems.append(f"{name}: no certificates mounted")
+        if not config.queue.shared_queues or config.queue.redis_url != "redis://:pw@redis:6379/0":
+            problems.append(f"{name}: not on the shared queues of redis://:<password>@redis:6379/0")
+        if any("redis://" in a for a in container["args"]):
+            problems.append(f"{name}: a Redis URL on the command line")
         volume = next(v for v in spec["volumes"] if v["name"] == "model")
         if not volume["persistentVolumeClaim"].get("readOnly"):
             problems.append(f"{name}: the model volume is not read-only")
@@ -132,6 +160,9 @@ def scaling_problems(docs: list[tuple[Path, dict]], model_dir: Path) -> list[str
             if trig["type"] != "redis-streams" or meta.get("stream") != want_stream:
                 problems.append(f"{so['metadata']['name']}: trigger {trig.get('name')} watches {meta.get('stream')}, "
                                 f"not {want_stream}")
+            auth = by_kind.get("TriggerAuthentication", {}).get(trig.get("authenticationRef", {}).get("name"))
+            if auth is None or auth["spec"]["secretTargetRef"][0]["name"] != "prism-redis":
+                problems.append(f"{so['metadata']['name']}: trigger {trig.get('name')} has no Redis password")
             if meta.get("consumerGroup") != GROUP or meta.get("address") != redis_address:
                 problems.append(f"{so['metadata']['name']}: trigger {trig.get('name')} reads group "
                                 f"{meta.get('consumerGroup')} at {meta.get('address')}")
@@ -149,16 +180,17 @@ def test_manifests_validate_against_kubernetes_and_keda_schemas():
     assert {"Deployment", "Service", "StatefulSet", "ScaledObject", "PersistentVolumeClaim"} <= set(kinds), kinds
     assert core_errors(docs) == []
     code, report = keda_check(*sorted({p for p, _ in docs}))
-    assert code == 0 and report == {"checked": 3, "errors": []}, report
+    assert code == 0 and report == {"checked": 4, "errors": []}, report
 
 
-def test_stages_run_on_shared_queues_scaled_by_the_stream_they_read(tiny_models):
+def test_stages_run_on_shared_queues_scaled_by_the_stream_they_read(tiny_models, certs):
     docs = documents()
-    assert scaling_problems(docs, tiny_models["llava"]) == []
+    assert scaling_problems(docs, tiny_models["llava"], certs) == []
     redis = next(d for _, d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "redis")
-    assert "--appendonly" in redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    redis_args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--appendonly" in redis_args and redis_args[redis_args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     scheduler = next(d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "prism-scheduler")
-    _, config = container_config(scheduler["spec"]["template"]["spec"]["containers"][0], tiny_models["llava"])
+    _, config, _ = container_config(scheduler["spec"]["template"]["spec"]["containers"][0], tiny_models["llava"], certs)
     assert config.queue.shared_queues and config.server.metrics_port == 9464  # desired replicas on /metrics
     decode = next(so for _, so in docs if so["kind"] == "ScaledObject" and so["metadata"]["name"] == "prism-decode")
     assert decode["spec"]["minReplicaCount"] >= 0 and decode["spec"]["maxReplicaCount"] > 1
@@ -182,7 +214,7 @@ def test_a_planted_keda_error_fails(tmp_path):
     text = (K8S / "autoscaling.yaml").read_text()
     broken.write_text(text.replace("maxReplicaCount: 16", "maxReplicaCount: sixteen", 1))
     code, report = keda_check(broken)
-    assert code == 1 and report["checked"] == 3 and len(report["errors"]) == 1, report
+    assert code == 1 and report["checked"] == 4 and len(report["errors"]) == 1, report
     assert report["errors"][0]["name"] == "prism-decode" and "maxReplicaCount" in report["errors"][0]["message"]
 
 
@@ -193,11 +225,11 @@ def test_a_planted_keda_error_fails(tmp_path):
      "streamLength: \"8\"\n---\napiVersion: keda.sh/v1alpha1\nkind: ScaledObject\nmetadata:\n  name: prism-prefill",
      "needs a lag trigger and a pending-entries trigger"),
 ])
-def test_a_planted_scaling_mismatch_fails(tmp_path, tiny_models, old, new, expect):
+def test_a_planted_scaling_mismatch_fails(tmp_path, tiny_models, certs, old, new, expect):
     for path in K8S.glob("*.yaml"):
         shutil.copy(path, tmp_path / path.name)
     text = (tmp_path / "autoscaling.yaml").read_text()
     assert old in text
     (tmp_path / "autoscaling.yaml").write_text(text.replace(old, new, 1))
-    problems = scaling_problems(documents(tmp_path), tiny_models["llava"])
+    problems = scaling_problems(documents(tmp_path), tiny_models["llava"], certs)
     assert len(problems) == 1 and expect in problems[0], problems
