@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "SHARED",
     "TERMINAL_STATES",
     "DuplicateTask",
     "QueueClosed",
@@ -55,6 +56,11 @@ __all__ = [
     "WorkItem",
     "WorkQueue",
 ]
+
+
+SHARED = "shared"
+"""The instance name of a stage's shared queue (``q:{stage}:shared`` in Redis), read by every
+worker of the stage as a consumer of its own; never a worker's name."""
 
 
 class TaskState(enum.IntEnum):

@@ -52,17 +52,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from prism.queue.base import (DuplicateTask, QueueClosed, QueueFull, TaskEvent, TaskState, UnknownTask,
-                              WorkItem, WorkQueue)
+from prism.queue.base import (SHARED, DuplicateTask, QueueClosed, QueueFull, TaskEvent, TaskState,
+                              UnknownTask, WorkItem, WorkQueue)
 
 __all__ = ["GROUP", "SHARED", "RedisWorkQueue", "connect"]
 
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
-SHARED = "shared"
-"""The instance name of a stage's shared queue (``q:{stage}:shared``), read by every worker of
-the stage as consumer ``<worker name>``; never a worker's name."""
 _DEFAULT_TTL_MS = 300_000  # fallbacks for records without their own (written by other versions)
 _DEFAULT_MAX_ATTEMPTS = 3
 WATCH_BLOCK_MS = 1000  # a watcher's blocking read (new events end it at once)

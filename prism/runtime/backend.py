@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from prism.queue.base import WorkQueue
+from prism.queue.base import SHARED, WorkQueue
 from prism.queue.memory import InMemoryWorkQueue
 from prism.runtime.config import check
 
@@ -88,8 +88,6 @@ class Backend:
         shared queues, whatever `instance` is, the stage's one queue. `consumer`: the worker
         reading it (the shared queue is read by many)."""
         if self.options.shared_queues:
-            from prism.queue.redis_queue import SHARED
-
             instance = SHARED
         else:
             consumer = None  # a worker's own queue has one consumer: the worker

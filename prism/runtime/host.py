@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from prism.queue.base import SHARED
 from prism.runtime.backend import Backend, QueueOptions
 from prism.runtime.stagework import ComputeThread, StageApp
 
@@ -103,8 +104,8 @@ class WorkerHost:
                  model_name: str, threads: int = 0, backend: Backend | None = None, handle_signals: bool = True):
         if not specs:
             raise ValueError("stages: at least one stage to host")
-        if queue.shared_queues and server_config.worker_name == "shared":
-            raise ValueError("worker_name: 'shared' names the stages' shared queues; choose another")
+        if queue.shared_queues and server_config.worker_name == SHARED:
+            raise ValueError(f"worker_name: {SHARED!r} names the stages' shared queues; choose another")
         self.specs = list(specs)
         self.server_config = server_config
         self.queue_options = queue

@@ -25,11 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = [
     "Child",

@@ -148,18 +148,20 @@ class Channels:
     the process has a certificate (`ServerConfig.tls_cert`), else plain text."""
 
     def __init__(self, server_config: Any):
-        from prism.runtime.tls import channel_credentials
+        from prism.runtime.tls import peer_tls
 
         self.max_message_bytes = server_config.max_message_bytes
-        self._credentials, self._options = channel_credentials(server_config)
+        self._tls = peer_tls(server_config)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def __call__(self, address: str) -> grpc.aio.Channel:
         from prism.runtime.telemetry import instrumented_channel
 
         if address not in self._channels:
-            self._channels[address] = instrumented_channel(address, self._options, max_message_bytes=self.max_message_bytes,
-                                                           credentials=self._credentials)
+            tls = self._tls
+            self._channels[address] = instrumented_channel(
+                address, tls.options() if tls else (), max_message_bytes=self.max_message_bytes,
+                credentials=tls.credentials() if tls else None)
         return self._channels[address]
 
     async def close(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["CertPaths", "ClientTls", "channel_credentials", "make_certs", "server_credentials", "sync_channel"]
+__all__ = ["CertPaths", "ClientTls", "make_certs", "peer_tls", "server_credentials", "sync_channel"]
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -34,24 +34,15 @@ def server_credentials(cfg: Any) -> grpc.ServerCredentials | None:
                                        require_client_auth=ca is not None)
 
 
-def channel_credentials(cfg: Any) -> tuple[grpc.ChannelCredentials | None, tuple[tuple[str, Any], ...]]:
-    """Credentials and channel options for dialling a peer of the deployment (mutual TLS: this
-    process's certificate, the peer checked against ``tls_ca`` under ``tls_server_name``);
-    (None, ()) in plain text."""
-    if cfg.tls_cert is None:
-        return None, ()
-    creds = grpc.ssl_channel_credentials(root_certificates=_read(cfg.tls_ca), private_key=_read(cfg.tls_key),
-                                         certificate_chain=_read(cfg.tls_cert))
-    return creds, (("grpc.ssl_target_name_override", cfg.tls_server_name),)
-
-
 @dataclass(frozen=True)
 class ClientTls:
-    """How a tool dials a Prism server over TLS (health probes, the launcher): the CA to trust,
-    and a certificate of the deployment where the server wants one (mutual TLS). From the
-    environment: PRISM_TLS_CA, PRISM_TLS_CERT, PRISM_TLS_KEY, PRISM_TLS_SERVER_NAME."""
+    """How to dial a Prism server over TLS: the CA to trust (None: the system's), and a
+    certificate of the deployment where the server wants one (mutual TLS), the server checked
+    under `server_name`. A stage dialling its peers uses its own (`peer_tls`); tools (health
+    probes, the launcher) take theirs from PRISM_TLS_CA, PRISM_TLS_CERT, PRISM_TLS_KEY and
+    PRISM_TLS_SERVER_NAME."""
 
-    ca: Path
+    ca: Path | None
     cert: Path | None = None
     key: Path | None = None
     server_name: str = "prism"
@@ -68,7 +59,7 @@ class ClientTls:
                    env.get("PRISM_TLS_SERVER_NAME") or "prism")
 
     def env(self) -> dict[str, str]:
-        out = {"PRISM_TLS_CA": str(self.ca), "PRISM_TLS_SERVER_NAME": self.server_name}
+        out = {"PRISM_TLS_SERVER_NAME": self.server_name} | ({"PRISM_TLS_CA": str(self.ca)} if self.ca else {})
         if self.cert is not None and self.key is not None:
             out |= {"PRISM_TLS_CERT": str(self.cert), "PRISM_TLS_KEY": str(self.key)}
         return out
@@ -79,6 +70,14 @@ class ClientTls:
 
     def options(self) -> tuple[tuple[str, Any], ...]:
         return (("grpc.ssl_target_name_override", self.server_name),)
+
+
+def peer_tls(cfg: Any) -> ClientTls | None:
+    """How a process dials its peers, from its `ServerConfig`: with its own certificate, the
+    peer checked against ``tls_ca`` under ``tls_server_name``; None in plain text."""
+    if cfg.tls_cert is None:
+        return None
+    return ClientTls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_server_name)
 
 
 def sync_channel(address: str, tls: ClientTls | None = None) -> grpc.Channel:

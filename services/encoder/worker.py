@@ -99,12 +99,12 @@ class EncoderWorker:
         items_total = sum(len(items) for _, items in batch)
         ended = time.time()
         for (item, items), mine in zip(batch, per_request):
+            tokens = sum(m.num_tokens for m in items)
             record_task("encode", item, wall, ended, {
                 "prism.batch_size": len(batch), "prism.media_items": len(items),
                 "prism.image_count": sum(1 for m in items if m.modality == "image"),
                 "prism.audio_count": sum(1 for m in items if m.modality == "audio"),
-                "prism.media_tokens": sum(m.num_tokens for m in items)},
-                instance=self.name, tokens=sum(m.num_tokens for m in items))
+                "prism.media_tokens": tokens}, instance=self.name, tokens=tokens)
             self.held.publish(item.task_id, mine)
             await self.queue.set_state(item.task_id, TaskState.READY, compute_ms=compute_ms, worker=self.name,
                                        item_tokens=[int(e.shape[0]) for e in mine], batch_items=items_total,

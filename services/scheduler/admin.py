@@ -15,6 +15,7 @@ import time
 
 import grpc
 
+from prism.queue.base import SHARED
 from prism.runtime import metrics
 from prism.v1 import admin_pb2, admin_pb2_grpc
 from services.scheduler.cluster import Cluster
@@ -101,12 +102,11 @@ class AdminServicer(admin_pb2_grpc.SchedulerAdminServiceServicer):
         out = admin_pb2.GetStatusResponse(in_flight=len(self.pipeline.inflight), placements=self.pipeline.placements)
         attainment = self.scaling.slo.stage_attainment()
         for stage in STAGES:
-            queued = 0
             if self.cluster.shared:  # one queue for the stage, whoever serves it (maybe nobody yet)
-                queued = await self.cluster.queue(stage, "shared").depth()
-            for inst in self.cluster.instances if not self.cluster.shared else ():
-                if stage in inst.stages:
-                    queued += await self.cluster.queue(stage, inst.name).depth()
+                queued = await self.cluster.queue(stage, SHARED).depth()
+            else:
+                queued = sum([await self.cluster.queue(stage, inst.name).depth()
+                              for inst in self.cluster.instances if stage in inst.stages])
             pol = self.scaling.policy
             out.stages.append(admin_pb2.StageStatus(
                 stage=stage, queued=queued, pending_tokens=book.stage_pending(stage),

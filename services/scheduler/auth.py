@@ -19,6 +19,7 @@ from opentelemetry import trace
 
 from prism.runtime import metrics
 from services.scheduler.core.quota import ApiKey, KeyRing, Quotas, Throttled
+from services.scheduler.pipeline import StageError, abort
 
 PUBLIC = "/prism.v1.PrismService/"
 ADMIN = "/prism.v1.SchedulerAdminService/"
@@ -91,8 +92,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return self.quotas.acquire(key), key
         except Throttled as exc:
             metrics.API_REQUESTS.labels(key.name, "RESOURCE_EXHAUSTED").inc()
-            context.set_trailing_metadata((("retry-after-ms", str(max(1, round(exc.retry_after_s * 1000)))),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await abort(context, StageError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), retry_after_s=exc.retry_after_s))
 
     @staticmethod
     def _done(lease, key: ApiKey, context: grpc.aio.ServicerContext) -> None:

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from prism.queue.base import TaskState, UnknownTask, WorkQueue
+from prism.queue.base import SHARED, TaskState, UnknownTask, WorkQueue
 from prism.runtime.backend import Backend
 from services.scheduler.core import Instance, LoadBook, NoInstance, route
 from services.scheduler.core.autoscale import capacity_from_profile
@@ -134,8 +134,6 @@ class Cluster:
         missing = {"encode", "prefill", "decode"} - {s for i in self.instances if not i.draining for s in i.stages}
         if not missing:
             return self.instances
-        from prism.queue.redis_queue import SHARED
-
         stand_in = Instance(name=SHARED, address="", stages=frozenset(missing),
                             capacity={s: self.stage_profile(s) or self.default_capacity[s] for s in missing},
                             decode_slots=STAND_IN_SLOTS if "decode" in missing else 0)
@@ -157,13 +155,13 @@ class Cluster:
         touched = 0
         tasks = list(self.book.requests_on(name))
         if self.shared:
-            from prism.queue.redis_queue import SHARED
             from prism.queue.redis_reclaim import consumer_tasks
 
+            booked = set(tasks)
             for stage in stages:  # what it took from the shared queues, maybe not booked to it yet
                 tasks += [(t, stage) for t in await consumer_tasks(
                     self.backend.client, namespace=self.backend.options.namespace, stage=stage,
-                    instance=SHARED, consumer=name) if (t, stage) not in tasks]
+                    instance=SHARED, consumer=name) if (t, stage) not in booked]
         for task_id, stage in tasks:
             queue = self.queue(stage, name)
             try:
@@ -175,7 +173,6 @@ class Cluster:
             except UnknownTask:
                 pass
         if self.shared:  # the entries it had read, taken or not: back to the shared queue
-            from prism.queue.redis_queue import SHARED
             from prism.queue.redis_reclaim import move_tasks
 
             for stage in stages:

@@ -44,6 +44,13 @@ class StageError(Exception):
         self.code, self.message, self.retry_after_s = code, message, retry_after_s
 
 
+async def abort(context: grpc.aio.ServicerContext, exc: StageError) -> None:
+    """Ends the call with `exc`'s status, and its retry hint as trailing ``retry-after-ms``."""
+    if exc.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after-ms", str(max(1, round(exc.retry_after_s * 1000)))),))
+    await context.abort(exc.code, exc.message)
+
+
 def _status(name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, str(name), grpc.StatusCode.INTERNAL)
 
@@ -327,7 +334,6 @@ class Pipeline:
             index_base = sent  # decode's index 0 is this attempt's first token
             decode_started, decoded = time.perf_counter(), 0
             async for event in self._events(decode_id, progress, replay=True):
-                decode_worker = progress.tasks[decode_id][1]
                 decoded += len(event.detail.get("tokens", ()))
                 new = [int(t) for t in event.detail.get("tokens", ())]
                 index = index_base + int(event.detail.get("index", 0))
@@ -346,6 +352,7 @@ class Pipeline:
                     break
             if not finish:
                 raise StageError(grpc.StatusCode.INTERNAL, "decode ended without a finish reason")
+            decode_worker = progress.tasks[decode_id][1]  # with shared queues, the worker that took it
             # Decode throughput of that instance at the batches it ran in: its tokens over its share
             # of the steps' compute (reported by the worker), else over the wall time at the batch.
             share_s = float(event.detail.get("compute_ms", 0.0)) / 1000 if event.state is TaskState.DONE else 0.0

@@ -23,7 +23,7 @@ from prism.queue.requests import RequestRecord, RequestStore
 from prism.runtime import metrics
 from prism.v1 import prism_pb2, prism_pb2_grpc, stages_pb2
 from services.scheduler.intake import Admitted, Limits, RequestError, ServedModel, admit
-from services.scheduler.pipeline import Pipeline, Progress, StageError
+from services.scheduler.pipeline import Pipeline, Progress, StageError, abort
 from services.scheduler.selector import MODALITY, Selector, reduction_json, reductions_proto, with_stored_reduction
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
 
     def _abort(self, context: grpc.aio.ServicerContext, exc: StageError):
         metrics.REQUESTS.labels(self.default_model, exc.code.name).inc()
-        return self._abort_with(context, exc)
-
-    @staticmethod
-    async def _abort_with(context: grpc.aio.ServicerContext, exc: StageError) -> None:
-        if exc.retry_after_s is not None:
-            context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
-        await context.abort(exc.code, exc.message)
+        return abort(context, exc)
 
     # ---- streams -----------------------------------------------------------------------
     async def _stream(self, request: prism_pb2.GenerateRequest,
