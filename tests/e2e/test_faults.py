@@ -11,7 +11,6 @@ import pytest
 
 from prism.client import PrismClient
 from prism.launch import Deployment, DeploymentOptions
-from prism.runtime.redisproc import free_port
 from prism.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import random_image
 from tests.oracle import Oracle
@@ -107,8 +106,8 @@ def test_redis_restarted_between_requests_and_under_load_loses_nothing(tiny_mode
 
 
 def test_scheduler_killed_and_restarted_requests_complete(tiny_models, tmp_path, oracle):
-    port = free_port()
-    with Deployment(options(tiny_models["llava"], tmp_path, port=port)) as d:
+    with Deployment(options(tiny_models["llava"], tmp_path)) as d:
+        port = int(d.address.rsplit(":", 1)[1])  # the restarted scheduler keeps the address
         restarted = threading.Event()
 
         def on_token(count: int) -> None:

@@ -4,9 +4,11 @@ scheduler's Generate span (child of the caller's) and every stage's queue-wait a
 (children of the Generate span, across the Redis hops), each from its own service."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -58,15 +60,21 @@ def receiver(monkeypatch):
     server.stop(0)
 
 
+def metrics_port(log: Path) -> int:
+    """The port a process bound for ``--metrics-port 0``, from its ``metrics on http://...`` log line
+    (a port picked free beforehand may be taken by another process before the child binds it)."""
+    found = re.search(r"metrics on http://[^\s\"]*:(\d+)/metrics", log.read_text())
+    assert found, f"no metrics line in {log}"
+    return int(found.group(1))
+
+
 def test_one_request_one_trace_across_processes_and_redis(tiny_models, receiver, tmp_path):
     """...and each process's /metrics counted it: the scheduler one OK request, each stage one task."""
-    from prism.runtime.redisproc import free_port
-
-    ports = {p: free_port() for p in ("scheduler", "encode", "prefill", "decode")}
+    parts = ("scheduler", "encode", "prefill", "decode")
     options = DeploymentOptions(model_dir=tiny_models["llava"], layout="split", threads=1, slots=2, max_len=512,
-                                log_dir=tmp_path,
-                                extra_args={p: ["--metrics-port", str(port)] for p, port in ports.items()})
+                                log_dir=tmp_path, extra_args={p: ["--metrics-port", "0"] for p in parts})
     with Deployment(options) as d:
+        ports = {p: metrics_port(tmp_path / ("scheduler.log" if p == "scheduler" else f"{p}-1.log")) for p in parts}
         with grpc.insecure_channel(d.address) as channel:
             stub = prism_pb2_grpc.PrismServiceStub(channel)
             traceparent = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
