@@ -26,7 +26,7 @@ DEPLOYMENTS = (  # name, layout, placement
 
 def goodput_sequence(args) -> tuple[list, dict]:
     """The replayed request sequence (module docstring) and how it was made."""
-    from benchmarks.trace import ImageShape, burstiest_window, describe, load_trace, scale
+    from prism.bench.trace import ImageShape, burstiest_window, describe, load_trace, scale
 
     full = load_trace(args.trace, seed=args.seed, shape=ImageShape(period_s=args.image_period_s))
     window = burstiest_window(full, args.window_s)

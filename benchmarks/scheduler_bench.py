@@ -29,10 +29,10 @@ one after another, as a worker's intake loop does).
 `small` LLaVA (fp32, CPU), started one after another (``prism.launch.Deployment``):
 ``split`` (layout split, placement split), ``colocated`` (layout colocated, placement
 colocated) and ``adaptive`` (layout mixed, placement adaptive). The sequence: the burstiest
-`--window-s` seconds of ``azure_llm_2023_conv.csv`` (``benchmarks.trace.burstiest_window``),
-images overlaid with the published multimodal shape (``benchmarks.trace``; the per-minute burst
+`--window-s` seconds of ``azure_llm_2023_conv.csv`` (``prism.bench.trace.burstiest_window``),
+images overlaid with the published multimodal shape (``prism.bench.trace``; the per-minute burst
 chain compressed to one step per `--image-period-s` of trace time so that image bursts show up
-inside the short replay), then scaled to a 2-core CPU (``benchmarks.trace.scale``): arrivals
+inside the short replay), then scaled to a 2-core CPU (``prism.bench.trace.scale``): arrivals
 stretched `--time-factor` times, text prompt tokens x1/8 clipped to [8, 128], generated tokens
 x1/8 clipped to [2, 16] (forced with ``ignore_eos``), at most 2 images per request (each a
 seeded random 224x224 PNG: 196 image tokens). Requests are sent open-loop at their arrival

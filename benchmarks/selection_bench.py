@@ -78,7 +78,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def sequence(args) -> tuple[list, dict]:
-    from benchmarks.trace import ImageShape, burstiest_window, describe, load_trace, scale
+    from prism.bench.trace import ImageShape, burstiest_window, describe, load_trace, scale
 
     full = load_trace(args.trace, seed=args.seed, shape=ImageShape())
     window = burstiest_window(full, args.window_s, weight=lambda r: r.num_images)[:args.requests]

@@ -1,4 +1,4 @@
-"""Unit tests for benchmarks/trace.py: the trace loader, its multimodal overlay, scale and
+"""Unit tests for prism/bench/trace.py: the trace loader, its multimodal overlay, scale and
 burstiest_window."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.trace import (  # noqa: E402
+from prism.bench.trace import (  # noqa: E402
     IMAGE_COUNT_WEIGHTS,
     ImageShape,
     TraceRequest,
