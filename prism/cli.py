@@ -227,5 +227,49 @@ def profile(
     typer.echo(f"wrote {path}")
 
 
+
+@app.command("bench")
+def bench(
+    address: str = typer.Option("127.0.0.1:50051", "--address", help="The deployment's scheduler, host:port."),
+    trace: Path = typer.Option(..., "--trace", help="CSV with TIMESTAMP, ContextTokens, GeneratedTokens (NumImages optional)."),
+    out: Path = typer.Option(Path("bench-out"), "--out", help="Directory for report.json and the PNG plots."),
+    rate_scale: float = typer.Option(0.05, "--rate-scale", help="Multiplies the trace's arrival rate."),
+    duration: float = typer.Option(60.0, "--duration", help="Seconds each replay lasts."),
+    ttft_slo: float = typer.Option(2000.0, "--ttft-slo", help="TTFT target, ms."),
+    tpot_slo: float = typer.Option(200.0, "--tpot-slo", help="Time per output token target, ms."),
+    start: float = typer.Option(-1.0, "--start", help="Seconds into the trace to start at (negative: its burstiest window)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the NumImages overlay and of the request bodies."),
+    max_generated: int = typer.Option(64, "--max-generated", help="Cap on the forced output tokens."),
+    context_factor: float = typer.Option(1 / 8, "--context-factor", help="Traced prompt tokens are multiplied by this."),
+    generated_factor: float = typer.Option(1 / 8, "--generated-factor", help="Traced output tokens are multiplied by this."),
+    image_side: int = typer.Option(0, "--image-side", help="Image side in pixels (0: drawn from the multimodal trace's shape)."),
+    search: bool = typer.Option(False, "--search/--no-search", help="Also search the largest rate scale meeting --target."),
+    target: float = typer.Option(0.9, "--target", help="SLO attainment the max-load search must reach."),
+    search_probes: int = typer.Option(6, "--search-probes", help="At most this many replays in the search."),
+    send_slo: bool = typer.Option(False, "--send-slo/--no-send-slo", help="Put the SLO on each request (admission may refuse)."),
+    tls_ca: Path = typer.Option(None, "--tls-ca", help="CA (PEM) to trust: call over TLS."),
+    tls_server_name: str = typer.Option("prism", "--tls-server-name", help="Name the server's certificate is checked under."),
+    api_key: str = typer.Option(None, "--api-key", envvar="PRISM_API_KEY", help="API key (or PRISM_API_KEY)."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write latency CDF and goodput PNGs."),
+) -> None:
+    """Replay a request trace against a running deployment and report latency, goodput and SLO attainment."""
+    from prism.bench.console import bench_with_progress
+    from prism.bench.replay import Target
+    from prism.bench.run import BenchConfig
+
+    try:
+        target_ = Target(address, tls_ca=tls_ca, tls_server_name=tls_server_name, api_key=api_key)
+        cfg = BenchConfig(trace=trace, out_dir=out, rate_scale=rate_scale, duration_s=duration, ttft_slo_ms=ttft_slo,
+                          tpot_slo_ms=tpot_slo, start_s=None if start < 0 else start, seed=seed,
+                          max_generated=max_generated, context_factor=context_factor,
+                          generated_factor=generated_factor, image_side=image_side, search=search,
+                          target_attainment=target, search_probes=search_probes, send_slo=send_slo, plots=plots)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    report = bench_with_progress(target_, cfg)
+    typer.echo(f"wrote {out / 'report.json'}")
+    if report["run"]["completed"] == 0:
+        raise typer.Exit(1)
+
 if __name__ == "__main__":
     app()
