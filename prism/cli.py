@@ -271,5 +271,60 @@ def bench(
     if report["run"]["completed"] == 0:
         raise typer.Exit(1)
 
+# ---- prism simulate -------------------------------------------------------------------------
+
+@app.command("simulate")
+def simulate_cmd(
+    profile: str = typer.Option(..., "--profile", help="Simulator profile (JSON path, or a shipped name such as "
+                                "modserve-a100-llama32-11b-vision)."),
+    trace: Path = typer.Option(..., "--trace", help="Trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens[, NumImages])."),
+    cluster: str = typer.Option("encode+prefill+decode@tp4x32", "--cluster",
+                                help="Instances: comma list of STAGES[@tpN]xCOUNT, e.g. encode@tp1x32,prefill@tp4x12,decode@tp4x12."),
+    rate_scale: float = typer.Option(1.0, "--rate-scale", help="Arrival rate multiplier (times divided by it)."),
+    duration: float = typer.Option(300.0, "--duration", help="Seconds of the trace to replay (after --start)."),
+    start: str = typer.Option("", "--start", help="Where in the trace to start: seconds from its first request, or a timestamp."),
+    placement: str = typer.Option("adaptive", "--placement", help="Scheduler placement: adaptive, split or colocated."),
+    slots: int = typer.Option(128, "--slots", help="Decode slots per decode instance."),
+    ttft_slo_ms: float = typer.Option(2000.0, "--ttft-slo-ms", help="TTFT target for goodput and attainment."),
+    tpot_slo_ms: float = typer.Option(200.0, "--tpot-slo-ms", help="TPOT (TBT) target for goodput and attainment."),
+    max_new_tokens: int = typer.Option(0, "--max-new-tokens", help="Clip generated tokens per request (0: as traced)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image overlay drawn where the trace has no NumImages."),
+    out: Path = typer.Option(None, "--out", help="Also write the JSON statistics here."),
+) -> None:
+    """Simulate a deployment on a trace with the real scheduler core and a latency profile;
+    prints the same JSON statistics as `prism bench`."""
+    import json
+
+    from prism.bench.trace import load_trace, scale
+    from prism.sim.profile import SimProfileError, load
+    from prism.sim.run import parse_cluster, requests_from_trace, run_summary
+    from prism.sim.simulator import SimConfig
+
+    if rate_scale <= 0 or duration <= 0:
+        raise typer.BadParameter("must be > 0", param_hint="--rate-scale/--duration")
+    try:
+        prof = load(profile)
+    except (OSError, SimProfileError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profile")
+    try:
+        specs = parse_cluster(cluster, slots=slots)
+        config = SimConfig(instances=specs, placement=placement)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--cluster")
+    begin = float(start) if start.replace(".", "", 1).isdigit() else (start or None)
+    reqs = load_trace(trace, seed=seed, start=begin, duration_s=duration)
+    reqs = scale(reqs, time_factor=1 / rate_scale)
+    requests = requests_from_trace(reqs, max_new_tokens=max_new_tokens or None)
+    stats = run_summary(requests, config, prof, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
+                        duration_s=duration / rate_scale)
+    stats["config"] = {"profile": profile, "trace": str(trace), "cluster": cluster, "gpus": config.gpus,
+                       "rate_scale": rate_scale, "duration_s": duration, "placement": placement, "slots": slots}
+    text = json.dumps(stats, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    typer.echo(text)
+
+
 if __name__ == "__main__":
     app()
