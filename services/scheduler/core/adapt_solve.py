@@ -289,12 +289,16 @@ def solve_variants(variants: Sequence[VariantProfile], rate_rps: float, slo_ms: 
         raise Infeasible(f"no set of variants of stage {stage!r} carries {rate_rps:.2f} req/s (+{h:.0%}) within "
                          f"slo {slo_ms:.1f} ms, {R} replicas, {bounds.total_cores} cores, min_accuracy "
                          f"{bounds.min_accuracy}" + (f" and pins {pinned}" if pinned else ""))
+    picked = [i for i in range(n_o) if x[X + i] > 0.5]
+    replicas = {i: int(round(x[N + i])) for i in picked}
+    shares = _fill_shares([(opts[i][0], opts[i][4], min(rate, replicas[i] * 1000.0 * opts[i][1] / opts[i][3] / (1 + h)),
+                            pinned.get(opts[i][0].name, 0.0)) for i in picked], rate)
+    exact = dict(zip(picked, shares)) if shares is not None else {i: float(max(x[S + i], 0.0)) for i in picked}
     mix = []
     latency, acc_sum = 0.0, 0.0
     for i, (v, b, c, service, lo) in enumerate(opts):
-        if x[X + i] > 0.5:
-            share = float(max(x[S + i], 0.0))
-            n = int(round(x[N + i]))
+        if i in exact:
+            share, n = exact[i], replicas[i]
             mix.append(StageChoice(v.name, b, n, c, share_rps=share if rate_rps > 0 else 0.0))
             latency = max(latency, service + batch_wait_ms(b, share) if share > 1e-9 else service)
             acc_sum += v.accuracy * share
@@ -304,6 +308,23 @@ def solve_variants(variants: Sequence[VariantProfile], rate_rps: float, slo_ms: 
     cores = sum(m.cost_cores for m in mix)
     return PipelineConfig({stage: mix[0]}, acc, cores, latency, mixes={stage: tuple(mix)}, rate_rps=rate_rps,
                           objective=weights.cost * cores - weights.accuracy * (acc_sum / rate))
+
+
+def _fill_shares(parts: list[tuple[VariantProfile, float, float, float]], rate: float) -> list[float] | None:
+    """The traffic split of chosen options, exactly: with the options and replicas fixed, the
+    program's remaining part is a fractional knapsack (each share between its least, the larger of
+    its batch-forming minimum and its pin, and its capacity; shares summing to `rate`; most
+    accuracy), solved greedily by accuracy. None where the bounds do not fit (numerical edge)."""
+    lo = [max(p[1], p[3]) for p in parts]
+    hi = [p[2] for p in parts]
+    if any(a > b + 1e-7 for a, b in zip(lo, hi)) or sum(lo) > rate + 1e-7 or sum(hi) < rate - 1e-7:
+        return None
+    shares, left = [min(a, b) for a, b in zip(lo, hi)], rate - sum(min(a, b) for a, b in zip(lo, hi))
+    for k in sorted(range(len(parts)), key=lambda k: -parts[k][0].accuracy):
+        add = max(0.0, min(left, hi[k] - shares[k]))
+        shares[k] += add
+        left -= add
+    return shares
 
 
 # -- Sponge ------------------------------------------------------------------------------------------
