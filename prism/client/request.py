@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import math
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -168,6 +169,7 @@ def build_request(
     request_id: str = "",
     add_generation_prompt: bool | None = None,
     reduce: "Reduce | None" = None,
+    variant: str = "",
 ) -> prism_pb2.GenerateRequest:
     """The ``GenerateRequest`` for these arguments (see ``PrismClient.generate``).
 
@@ -176,6 +178,8 @@ def build_request(
     None or 0 uses the deployment's default; ``temperature`` 0 is greedy; ``top_p`` 0 means 1;
     ``top_k`` 0 means no limit; ``seed`` None lets the server draw one. ``reduce``: what the
     scheduler may drop or shrink to meet ``deadline_ms`` (a :class:`Reduce`); None: never changed.
+    ``variant``: the model variant to serve it ("": any at or above ``reduce.accuracy_floor``).
+    The request carries the time it is built (``sent_unix_ms``): ``deadline_ms`` counts from it.
     """
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
@@ -185,7 +189,10 @@ def build_request(
         raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
     if request_id and not _REQUEST_ID.fullmatch(request_id):
         raise ValueError("request_id must be 1-128 letters, digits, '-', '_' or '.'")
-    req = prism_pb2.GenerateRequest(model=model, request_id=request_id)
+    if not isinstance(variant, str):
+        raise TypeError(f"variant must be a str, not {type(variant).__name__}")
+    req = prism_pb2.GenerateRequest(model=model, request_id=request_id, variant=variant,
+                                    sent_unix_ms=int(time.time() * 1000))
     image_items = _single_or_many(images, audio=False)
     audio_items = _single_or_many(audios, audio=True)
     if prompt is not None:

@@ -87,6 +87,8 @@ class TokenChunk:
     """On the last chunk: ``"split"`` or ``"colocated"``, how the scheduler ran the request."""
     reductions: Reductions | None = None
     """On the last chunk: what was dropped or shrunk to meet the deadline."""
+    variant: str | None = None
+    """On the last chunk: the model variant that served the request (None: no variants)."""
 
     @classmethod
     def from_proto(cls, m: prism_pb2.GenerateResponse) -> TokenChunk:
@@ -99,6 +101,7 @@ class TokenChunk:
             usage=Usage.from_proto(m.usage) if m.HasField("usage") else None,
             placement=m.placement.path or None if m.HasField("placement") else None,
             reductions=Reductions.from_proto(m.reductions) if m.HasField("reductions") else None,
+            variant=m.variant or None,
         )
 
 
@@ -114,6 +117,7 @@ class Completion:
     timing: Timing | None
     placement: str | None = None
     reductions: Reductions | None = None
+    variant: str | None = None
 
     @classmethod
     def from_proto(cls, m: prism_pb2.GenerateUnaryResponse) -> Completion:
@@ -126,6 +130,7 @@ class Completion:
             timing=Timing.from_proto(m.timing) if m.HasField("timing") else None,
             placement=m.placement.path or None if m.HasField("placement") else None,
             reductions=Reductions.from_proto(m.reductions) if m.HasField("reductions") else None,
+            variant=m.variant or None,
         )
 
     @classmethod
@@ -142,6 +147,7 @@ class Completion:
             timing=timing,
             placement=next((c.placement for c in reversed(chunks) if c.placement), None),
             reductions=next((c.reductions for c in reversed(chunks) if c.reductions is not None), None),
+            variant=next((c.variant for c in reversed(chunks) if c.variant), None),
         )
 
 

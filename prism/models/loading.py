@@ -74,6 +74,9 @@ class ModelOptions:
     dtype: str = field(default="float32", metadata={"help": "Weights and activations: float32, bfloat16 or float16."})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda:0."})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads for this stage; 0 keeps torch's default."})
+    variant: str = field(default="", metadata={"help": "Variant name this worker serves in a deployment of several "
+                                                        "variants of the model (the scheduler's --variants); empty: "
+                                                        "the only one."})
 
     def __post_init__(self) -> None:
         from prism.runtime.config import check
@@ -82,6 +85,9 @@ class ModelOptions:
         check((Path(self.model_dir) / "config.json").is_file(), "model_dir", f"{self.model_dir} has no config.json")
         check(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
         check(self.threads >= 0, "threads", "must be >= 0")
+        check(self.variant == "" or (self.variant.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                                     and len(self.variant) <= 64),
+              "variant", f"use 1..64 letters, digits, '-', '_' or '.', got {self.variant!r}")
         try:
             torch.device(self.device)
         except RuntimeError as exc:

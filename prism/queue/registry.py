@@ -70,6 +70,8 @@ class WorkerInfo:
     """Unix epoch seconds."""
     draining: bool = False
     """Finishing its work, takes no new requests."""
+    variant: str = ""
+    """Model variant it serves (empty: the deployment names no variants)."""
 
     def __post_init__(self) -> None:
         _check_name("name", self.name)
@@ -104,13 +106,15 @@ class WorkerInfo:
         object.__setattr__(self, "started_at", float(self.started_at))
         if not isinstance(self.draining, bool):
             raise ValueError(f"draining must be a bool, not {self.draining!r}")
+        if not isinstance(self.variant, str) or any(c.isspace() or not c.isprintable() for c in self.variant):
+            raise ValueError(f"variant must be a string without whitespace or control characters, not {self.variant!r}")
 
     def to_json(self) -> str:
         return json.dumps({
             "name": self.name, "address": self.address, "model": self.model,
             "stages": sorted(self.stages), "capacity": dict(self.capacity),
             "decode_slots": self.decode_slots, "pid": self.pid, "started_at": self.started_at,
-            "draining": self.draining,
+            "draining": self.draining, "variant": self.variant,
         }, sort_keys=True, separators=(",", ":"))
 
     @classmethod

@@ -101,7 +101,7 @@ class WorkerHost:
     """Builds and serves the stages of one process; registers it and heartbeats."""
 
     def __init__(self, specs: Sequence[StageSpec], server_config: Any, queue: QueueOptions, *,
-                 model_name: str, threads: int = 0, backend: Backend | None = None, handle_signals: bool = True):
+                 model_name: str, threads: int = 0, variant: str = "", backend: Backend | None = None, handle_signals: bool = True):
         if not specs:
             raise ValueError("stages: at least one stage to host")
         if queue.shared_queues and server_config.worker_name == SHARED:
@@ -110,6 +110,7 @@ class WorkerHost:
         self.server_config = server_config
         self.queue_options = queue
         self.model_name = model_name
+        self.variant = variant
         self.handle_signals = handle_signals
         self._owns_backend = backend is None
         self.backend = backend or Backend(queue)
@@ -141,9 +142,12 @@ class WorkerHost:
             app = await spec.build(spec.config, self.ctx)
             self.apps[spec.stage] = app
             self.ctx.peers.workers[spec.stage] = app.parts.get("worker")
+        from prism.runtime import workeradmin
+
         self.server = StageServer(
-            self.server_config, service_names=[a.service_name for a in self.apps.values()],
-            registrars=[a.register for a in self.apps.values()], drain_hooks=[self.drain_workers],
+            self.server_config, service_names=[*(a.service_name for a in self.apps.values()), workeradmin.SERVICE_NAME],
+            registrars=[*(a.register for a in self.apps.values()), workeradmin.register(self.ctx.compute)],
+            drain_hooks=[self.drain_workers],
             handle_signals=self.handle_signals)
         await self.server.start()
         self.ctx.peers.address = self.server.address
@@ -155,7 +159,7 @@ class WorkerHost:
             stages=frozenset(s.stage for s in self.specs),
             capacity={s.stage: s.capacity for s in self.specs if s.capacity > 0},
             decode_slots=sum(s.slots for s in self.specs if s.stage == "decode"), pid=os.getpid(),
-            started_at=time.time())
+            started_at=time.time(), variant=self.variant)
         self._heartbeat = Heartbeat(self.backend.registry, info, ttl_s=self.queue_options.worker_ttl_s,
                                     every_s=self.queue_options.heartbeat_s)
         await self._heartbeat.__aenter__()

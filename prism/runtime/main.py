@@ -52,5 +52,6 @@ def run_worker(specs_from_config, config_cls: type, env_prefix: str, service: st
     config = config_from_cli(config_cls, env_prefix=env_prefix, prog=prog)
     setup_process(service, config.server.worker_name)
     host = WorkerHost(specs_from_config(config), config.server, config.queue,
-                      model_name=Path(config.model.model_dir).resolve().name, threads=config.model.threads)
+                      model_name=Path(config.model.model_dir).resolve().name, threads=config.model.threads,
+                      variant=config.model.variant)
     asyncio.run(host.serve())

@@ -24,14 +24,39 @@ class ComputeThread:
     Work is serialized in submission order."""
 
     def __init__(self, name: str, torch_threads: int = 0):
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
-        if torch_threads > 0:
-            import torch
+        from prism.runtime.compute import ComputeShare, allowed_cpus
 
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        import torch
+
+        if torch_threads > 0:
             torch.set_num_threads(torch_threads)
+            self._pool.submit(torch.set_num_threads, torch_threads).result()
+        #: CPUs the process was allowed at start: the cores a share may name.
+        self.allowed_cpus = allowed_cpus()
+        #: The compute share in effect (in-place vertical scaling: `apply`), and changes so far.
+        self.share = ComputeShare(threads=self._pool.submit(torch.get_num_threads).result(), cpus=self.allowed_cpus)
+        self.generation = 0
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    @property
+    def max_batch(self) -> int:
+        """The batch bound of the share in effect (0: the stage worker's own limit)."""
+        return self.share.max_batch
+
+    async def apply(self, share: Any) -> Any:
+        """Change the compute share in place: runs on the compute thread after the batch in
+        progress and before the next (`prism.runtime.compute`). Returns the share applied."""
+        from prism.runtime.compute import apply_here
+
+        await self.run(apply_here, share)
+        self.share = share
+        self.generation += 1
+        log.info("compute share now %d threads on CPUs %s, max batch %s", share.threads, list(share.cpus),
+                 share.max_batch or "unbounded")
+        return share
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)

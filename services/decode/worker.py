@@ -99,9 +99,15 @@ class DecodeWorker:
         publisher = asyncio.create_task(self._publisher())
         try:
             while True:
-                while self.engine.free_slots - len(self._awaiting) <= 0:
+                while self.engine.free_slots - len(self._awaiting) <= 0 or self._at_share_bound():
                     self._slot_freed.clear()
-                    await self._slot_freed.wait()
+                    if self._at_share_bound():  # the bound may be raised in place: look again soon
+                        try:
+                            await asyncio.wait_for(self._slot_freed.wait(), 0.05)
+                        except asyncio.TimeoutError:
+                            pass
+                    else:
+                        await self._slot_freed.wait()
                 item = await self.queue.get()
                 if item is None:
                     break
@@ -115,6 +121,12 @@ class DecodeWorker:
             await stepper
             self._outbox.put_nowait(None)
             await publisher
+
+    def _at_share_bound(self) -> bool:
+        """The compute share's `max_batch` (in-place vertical scaling) bounds the sequences
+        decoded at once: no new one is taken while that many are active or importing."""
+        bound = self.compute.max_batch
+        return bool(bound) and self.engine.num_active + len(self._awaiting) >= bound
 
     async def _import(self, item: WorkItem) -> None:
         rid = item.task_id

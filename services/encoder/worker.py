@@ -64,7 +64,8 @@ class EncoderWorker:
             if items is None:
                 continue
             pending = [(k, sum(m.num_tokens for m in its)) for k, (_, its) in enumerate([*batch, (item, items)])]
-            if len(take_media_batch(pending, self.max_batch_tokens, len(pending))) < len(pending):
+            if len(take_media_batch(pending, self.max_batch_tokens, len(pending))) < len(pending) or (
+                    0 < self.compute.max_batch < len(pending)):  # the compute share's bound
                 self._carry = (item, items)
                 return batch
             batch.append((item, items))

@@ -20,6 +20,7 @@ from prism.models.base import MediaItem
 from prism.queue.base import TaskState, WorkItem, WorkQueue
 from prism.runtime.convert import item_from_info
 from prism.runtime.host import LocalPeers
+from prism.runtime.compute import BatchBudget
 from prism.runtime.stagework import ComputeThread, HeldOutputs
 from prism.runtime.metrics import KV_BYTES, observe_batch
 from prism.runtime.telemetry import record_task
@@ -70,6 +71,8 @@ class PrefillWorker:
         self.peers = peers or LocalPeers()
         self.max_batch_tokens = max_batch_tokens
         self._carry: _Job | None = None
+        #: Batch bound from the tasks' remaining budgets (dynamic SLOs), learnt from our batches.
+        self.budget = BatchBudget()
         #: Sizes of the batches run, most recent last (for tests and the admin view).
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
 
@@ -111,10 +114,20 @@ class PrefillWorker:
             if job is None:
                 continue
             pending = [(k, len(j.req.input_ids)) for k, j in enumerate([*batch, job])]
-            if len(take_batch(pending, self.max_batch_tokens, len(pending))) < len(pending):
+            if len(take_batch(pending, self.max_batch_tokens, len(pending))) < len(pending) or (
+                    batch and self._over_budget([*batch, job])):
                 self._carry = job
                 return batch
             batch.append(job)
+
+    def _over_budget(self, jobs: list[_Job]) -> bool:
+        """Taking `jobs` in one batch exceeds the compute share's `max_batch`, or the batch the
+        tightest remaining budget among them allows (deadline minus now: the queue hands tasks
+        over most urgent first, so the ones taken are the ones that bound it)."""
+        now_ms = time.time() * 1000
+        budgets = [j.item.deadline_unix_ms - now_ms if j.item.deadline_unix_ms else float("inf") for j in jobs]
+        limit = self.budget.limit(self.compute.share.cores, budgets, self.compute.max_batch)
+        return bool(limit) and len(jobs) > limit
 
     async def _fetch_embeddings(self, job: _Job) -> dict[str, list[torch.Tensor]]:
         req, items = job.req, job.items
@@ -204,6 +217,7 @@ class PrefillWorker:
                 await self._fail(job.rid, job.outbox, StageFailure("INTERNAL", f"prefill failed: {exc}"))
             return
         compute_ms = (time.perf_counter() - started) * 1000
+        self.budget.record(self.compute.share.cores, len(ready), compute_ms)
         ended = time.time()
         for job in ready:
             record_task("prefill", job.item, job.began or wall, ended, {

@@ -17,7 +17,9 @@ from services.scheduler.admin import AdminServicer, Scaling
 from services.scheduler.auth import ApiKeyInterceptor
 from services.scheduler.cluster import Cluster
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.applier import ConfigApplier
 from services.scheduler.core import Admission, Limits, Placement
+from services.scheduler.core.variants import Variant, VariantMix
 from services.scheduler.intake import ServedModel
 from services.scheduler.pipeline import Pipeline
 from services.scheduler.servicer import PrismServicer
@@ -32,7 +34,14 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
     owns_backend = backend is None
     backend = backend or Backend(config.queue)
     policy = config.policy
-    cluster = Cluster(backend, model.name, default_capacity=policy.capacity)
+    variant_list = config.variant_list()
+    variants = mix = None
+    if variant_list:  # each variant: its own processor, its own workers (registered under its name)
+        variants = {name: await asyncio.to_thread(ServedModel.load, config.served_name, path, config.max_context)
+                    for name, path, _ in variant_list}
+        mix = VariantMix([Variant(name, accuracy, str(path)) for name, path, accuracy in variant_list])
+    cluster = Cluster(backend, model.name, default_capacity=policy.capacity,
+                      variants={name: path.resolve().name for name, path, _ in variant_list} or None)
     placement = Placement(policy.placement, colocate_below=policy.colocate_below,
                           stall_budget_s=policy.colocate_stall_ms / 1000)
     admission = Admission(Limits(queue_tokens=policy.queue_tokens, max_inflight=policy.max_inflight), placement)
@@ -62,7 +71,10 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
 
         profile = load_profile(config.selection_profile)
     servicer = PrismServicer({model.name: model}, model.name, config.limits, pipeline, backend.store,
-                             owner=config.server.worker_name, lease_s=config.request_lease_s, profile=profile)
+                             owner=config.server.worker_name, lease_s=config.request_lease_s, profile=profile,
+                             selection_flow=config.selection_flow(), variants=variants, mix=mix)
+    applier = ConfigApplier(cluster, mix, inflight=lambda: [p.adm.variant for p in pipeline.inflight.values()
+                                                             if p.adm is not None])
     admin = AdminServicer(cluster, pipeline, scaling, servicer.selector)
 
     def register(server: grpc.aio.Server) -> None:
@@ -83,6 +95,7 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
         for task in loops:
             task.cancel()
         await cluster.stop()
+        await applier.close()
         await servicer.stop()
         if owns_backend:
             await backend.close()
@@ -95,5 +108,5 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
                     "PRISM_SCHEDULER_API_KEYS)")
     interceptors = (ApiKeyInterceptor(ring),) if ring.enabled else ()
     return StageApp(SERVICE_NAMES[0], register, None, run, on_stop,
-                    {"servicer": servicer, "pipeline": pipeline, "cluster": cluster, "admin": admin,
+                    {"servicer": servicer, "pipeline": pipeline, "cluster": cluster, "admin": admin, "applier": applier,
                      "scaling": scaling, "backend": backend}, SERVICE_NAMES[1:], interceptors)

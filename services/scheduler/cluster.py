@@ -33,9 +33,13 @@ STAND_IN_SLOTS = 8
 
 class Cluster:
     def __init__(self, backend: Backend, model: str, *, refresh_s: float = 0.25,
-                 default_capacity: dict[str, float] | None = None, profile_window: int = 32):
+                 default_capacity: dict[str, float] | None = None, profile_window: int = 32,
+                 variants: dict[str, str] | None = None):
         self.backend = backend
         self.model = model
+        #: Variant name -> the model name its workers register (a deployment of several
+        #: variants); None: every worker of `model` is ours, of variant "".
+        self.variants = dict(variants) if variants else None
         self.refresh_s = refresh_s
         self.default_capacity = dict(default_capacity or DEFAULT_CAPACITY)
         self.book = LoadBook()
@@ -70,13 +74,13 @@ class Cluster:
 
     async def refresh(self) -> None:
         registry = self.backend.registry
-        live = [w for w in await registry.live() if w.model == self.model]
+        live = [w for w in await registry.live() if self.serves(w)]
         self.infos = {w.name: w for w in live}
         self.instances = [self._instance(w) for w in live]
         dead = [n for n in await registry.known() if n not in self.infos and n not in self._reaping]
         for name in dead:
             info = await registry.get(name)
-            if info is not None and info.model != self.model:
+            if info is not None and not self.serves(info):
                 continue
             self._reaping.add(name)
             try:
@@ -85,13 +89,20 @@ class Cluster:
             finally:
                 self._reaping.discard(name)
 
+    def serves(self, w: Any) -> bool:
+        """Whether registered worker `w` is one of this deployment's (its model and variant)."""
+        if self.variants is None:
+            return w.model == self.model
+        return self.variants.get(getattr(w, "variant", "")) == w.model
+
     def _instance(self, w: Any) -> Instance:
         cap = {}
         for stage in w.stages:
             cap[stage] = (w.capacity.get(stage) or self.profiled(w.name, stage) or self.stage_profile(stage)
                           or self.default_capacity[stage])
         return Instance(name=w.name, address=w.address, stages=frozenset(w.stages), capacity=cap,
-                        decode_slots=w.decode_slots if "decode" in w.stages else 0, draining=w.draining)
+                        decode_slots=w.decode_slots if "decode" in w.stages else 0, draining=w.draining,
+                        variant=getattr(w, "variant", ""))
 
     # ---- profiles ----------------------------------------------------------------------
     def record(self, instance: str, stage: str, tokens: int, seconds: float) -> None:
@@ -215,8 +226,14 @@ class Cluster:
 
     def _router(self, stage: str, away_from: str):
         """`move_tasks`'s route: the least loaded other live instance of `stage`, booked there."""
+        variant = next((i.variant for i in self.instances if i.name == away_from), None)
+        if variant is None and away_from in self.infos:
+            variant = getattr(self.infos[away_from], "variant", "")
+        # only to a worker of the same variant: another variant's layers cannot take its inputs
+        peers = [i for i in self.instances if variant is None or i.variant == variant]
+
         def choose(item) -> str:
-            target = route(stage, self.instances, self.book, exclude=(away_from,))
+            target = route(stage, peers, self.book, exclude=(away_from,))
             self.book.move(item.task_id, stage, target.name, from_instance=away_from)
             return target.name
 

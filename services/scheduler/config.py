@@ -1,6 +1,7 @@
 """Scheduler (front door) configuration."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,11 +80,20 @@ class SchedulerConfig:
     worker_wait_s: float = field(default=120.0, metadata={"help": "seconds to wait at start-up for a worker of every stage"})
     selection_profile: str = field(default="", metadata={
         "help": "profile written by `prism profile`: the accuracy of each input reduction; without it no request's inputs are reduced"})
+    selection_overlap: bool = field(default=True, metadata={
+        "help": "selection's model: the stages overlap as a flow shop (split workers); off: one server, every stage of every request in series"})
+    selection_parallelism: float = field(default=0.0, metadata={
+        "help": "cores or devices the stages share, bounding how much of their work overlaps (0: each stage its own; e.g. 2 for single-threaded stage processes on two cores)"})
     api_keys: str = field(default="", metadata={
         "help": 'API keys, as JSON {"keys": [{"name", "sha256", "rate_per_s", "burst", "max_concurrent", "admin"}]} '
                 "(hashes only: `prism keys new` makes a key and its entry), usually from the environment "
                 "(PRISM_SCHEDULER_API_KEYS); with keys from here or api_keys_file, every call needs one"})
     api_keys_file: Path | None = field(default=None, metadata={"help": "a file holding the API keys' JSON (see api_keys)"})
+    variants: str = field(default="", metadata={
+        "help": "variants of the model served side by side, NAME=DIR[:ACCURACY],... (e.g. small=models/a:0.71,"
+                "large=models/b:0.83): each a whole pipeline of its own workers started with --variant NAME; "
+                "ACCURACY (in [0, 1]) defaults to the full accuracy in DIR/prism-profile.json; requests pin one "
+                "(`variant`) or take any at or above their accuracy floor. Not with shared queues"})
     request_lease_s: float = field(default=10.0, metadata={
         "help": "an accepted request whose scheduler has not renewed its lease this long is taken over by another (or a restarted) scheduler"})
 
@@ -92,8 +102,16 @@ class SchedulerConfig:
         check(self.max_context >= 0, "max_context", "must be >= 0")
         check(self.worker_wait_s >= 0, "worker_wait_s", "must be >= 0")
         check(self.request_lease_s > 0, "request_lease_s", "must be > 0")
+        try:
+            self.variant_list()
+        except ValueError as exc:
+            check(False, "variants", str(exc))
+        check(not (self.variants and self.queue.shared_queues), "variants",
+              "a stage's shared queue would mix the variants' tasks: use per-worker queues")
         check(not self.selection_profile or Path(self.selection_profile).is_file(), "selection_profile",
               f"{self.selection_profile} is not a file")
+        check(self.selection_parallelism == 0 or self.selection_parallelism >= 1, "selection_parallelism",
+              f"must be 0 (unbounded) or >= 1, got {self.selection_parallelism}")
         check(self.api_keys_file is None or Path(self.api_keys_file).is_file(), "api_keys_file",
               f"{self.api_keys_file} is not a file")
         try:
@@ -107,6 +125,34 @@ class SchedulerConfig:
         if self.api_keys_file is not None:
             keys += list(KeyRing.from_json(Path(self.api_keys_file).read_text()).keys)
         return KeyRing(keys)
+
+    def selection_flow(self):
+        """The selection program's model of the stages (`core.selection.Flow`, or None: serial)."""
+        if not self.selection_overlap:
+            return None
+        from services.scheduler.core.selection import Flow
+
+        return Flow(parallelism=self.selection_parallelism or math.inf)
+
+    def variant_list(self) -> list[tuple[str, Path, float]]:
+        """The variants as (name, checkpoint directory, accuracy); empty without variants."""
+        import json
+
+        from services.scheduler.core.variants import parse_variants
+
+        out = []
+        for name, directory, accuracy in parse_variants(self.variants):
+            path = Path(directory)
+            if not (path / "config.json").is_file():
+                raise ValueError(f"variant {name}: {directory} has no config.json")
+            if accuracy is None:
+                profile = path / "prism-profile.json"
+                try:
+                    accuracy = float(json.loads(profile.read_text())["accuracy"]["full"]["accuracy"])
+                except (OSError, KeyError, TypeError, ValueError):
+                    raise ValueError(f"variant {name}: no accuracy given and none in {profile}") from None
+            out.append((name, path, accuracy))
+        return out
 
     @property
     def served_name(self) -> str:

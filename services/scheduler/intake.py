@@ -21,6 +21,8 @@ from prism.v1 import common_pb2, prism_pb2
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 ROLES = frozenset({"system", "user", "assistant"})
+#: How far ahead of the scheduler's clock a request's `sent_unix_ms` may be (clock skew).
+MAX_CLOCK_SKEW_S = 60.0
 
 
 class RequestError(Exception):
@@ -122,6 +124,8 @@ class Admitted:
     #: The reduction applied (None: the request as sent) and its profiled accuracy.
     reduction: Any = None
     expected_accuracy: float | None = None
+    #: The model variant serving it (empty: the deployment names no variants).
+    variant: str = ""
 
     @property
     def image_tokens(self) -> int:
@@ -305,7 +309,15 @@ def admit(req: prism_pb2.GenerateRequest, models: dict[str, ServedModel], defaul
             f"{total} prompt tokens (image {prepared.tokens_of(IMAGE)}, audio {prepared.tokens_of(AUDIO)}) plus "
             f"sampling.max_new_tokens {max_new} exceed the model's context of {model.max_context} tokens",
         )
-    deadlines = [d for d in (grpc_deadline, arrival + req.slo.deadline_ms / 1000 if req.slo.deadline_ms else None) if d]
+    # Dynamic SLO: the budget counts from when the caller sent the request, so what the network
+    # took is no longer left; the deadline (hence the stage queues' order) is the remaining budget.
+    if req.sent_unix_ms < 0:
+        raise _invalid("sent_unix_ms", "must be >= 0 (0: unset)")
+    if req.sent_unix_ms and req.sent_unix_ms / 1000 > arrival + MAX_CLOCK_SKEW_S:
+        raise _invalid("sent_unix_ms", f"{req.sent_unix_ms} is more than {MAX_CLOCK_SKEW_S:.0f} s ahead of "
+                                       "the scheduler's clock")
+    start = min(arrival, req.sent_unix_ms / 1000) if req.sent_unix_ms else arrival
+    deadlines = [d for d in (grpc_deadline, start + req.slo.deadline_ms / 1000 if req.slo.deadline_ms else None) if d]
     stop_ids = frozenset(req.sampling.stop_token_ids) | (frozenset() if req.sampling.ignore_eos else model.eos_ids)
     return Admitted(
         request_id=request_id, model=model, prompt=prepared, sampling=sampling, max_new_tokens=max_new,

@@ -118,7 +118,7 @@ class Pipeline:
         if not check_deadline:
             cost = dataclasses.replace(cost, deadline=None)
         try:
-            decision = self.admission.admit(cost, time.time(), self.cluster.book, self.cluster.routable)
+            decision = self.admission.admit(cost, time.time(), self.cluster.book, self.routable(adm))
         except NoInstance as exc:
             raise StageError(grpc.StatusCode.UNAVAILABLE, f"no live worker for the {exc.stage} stage") from None
         if not decision.ok:
@@ -126,11 +126,15 @@ class Pipeline:
         if self.on_admit is not None:
             self.on_admit(self.cost(adm))
 
+    def routable(self, adm: Admitted) -> list:
+        """The instances that may serve `adm`: those of its variant (all, without variants)."""
+        return [i for i in self.cluster.routable if i.variant == adm.variant]
+
     def _choose(self, adm: Admitted, sent: int) -> PlacementChoice:
         """Where this attempt runs (a retry's workers are the live ones: the reaper has removed
         the lost one from the view)."""
         try:
-            return self.placement.decide(self.cost(adm, sent), self.cluster.routable, self.cluster.book)
+            return self.placement.decide(self.cost(adm, sent), self.routable(adm), self.cluster.book)
         except NoInstance as exc:
             raise StageError(grpc.StatusCode.UNAVAILABLE, f"no live worker for the {exc.stage} stage") from None
 
@@ -389,7 +393,7 @@ class Pipeline:
             request_id=adm.request_id, text=text.flush(), finish_reason=finish, timing=timing,
             usage=prism_pb2.Usage(prompt_tokens=len(adm.prompt.input_ids), image_tokens=adm.image_tokens,
                                   audio_tokens=adm.audio_tokens, generated_tokens=n),
-            placement=prism_pb2.Placement(path=progress.placement, attempts=progress.attempt))
+            placement=prism_pb2.Placement(path=progress.placement, attempts=progress.attempt), variant=adm.variant)
         if self.on_finish is not None:
             self.on_finish(adm, progress, final)
         return final

@@ -22,6 +22,7 @@ from opentelemetry import trace
 from prism.queue.requests import RequestRecord, RequestStore
 from prism.runtime import metrics
 from prism.v1 import prism_pb2, prism_pb2_grpc, stages_pb2
+from services.scheduler.core.variants import VariantError, VariantMix
 from services.scheduler.intake import Admitted, Limits, RequestError, ServedModel, admit
 from services.scheduler.pipeline import Pipeline, Progress, StageError, abort
 from services.scheduler.selector import MODALITY, Selector, reduction_json, reductions_proto, with_stored_reduction
@@ -31,22 +32,43 @@ log = logging.getLogger(__name__)
 
 class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
     def __init__(self, models: dict[str, ServedModel], default_model: str, limits: Limits, pipeline: Pipeline,
-                 store: RequestStore, *, owner: str, lease_s: float, profile: Any = None):
+                 store: RequestStore, *, owner: str, lease_s: float, profile: Any = None,
+                 selection_flow: Any = None, variants: dict[str, ServedModel] | None = None,
+                 mix: VariantMix | None = None):
         self.models, self.default_model, self.limits = models, default_model, limits
+        #: Variants of the default model served side by side (each its own pipeline of workers)
+        #: and the mix that picks one for a request pinning none; None: no variants.
+        self.variants, self.mix = variants, mix
         self.pipeline = pipeline
         self.store = store
         self.owner, self.lease_s = owner, lease_s
         # Processing (media decoding, image processors, tokenizer) runs off the event loop.
         self._intake = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake")
-        self.selector = Selector(profile, pipeline, self._intake)
+        self.selector = Selector(profile, pipeline, self._intake, flow=selection_flow)
         self._drivers: dict[str, asyncio.Task] = {}
         self._active: set[str] = set()  # requests this scheduler is driving now
 
     # ---- intake ------------------------------------------------------------------------
     async def _process(self, request: prism_pb2.GenerateRequest, grpc_deadline: float | None) -> Admitted:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._intake, admit, request, self.models, self.default_model,
-                                          self.limits, grpc_deadline)
+        if self.mix is None:
+            if request.variant:
+                raise RequestError("INVALID_ARGUMENT", "variant",
+                                   f"unknown variant {request.variant!r}; this deployment names no variants")
+            return await loop.run_in_executor(self._intake, admit, request, self.models, self.default_model,
+                                              self.limits, grpc_deadline)
+        if request.model and request.model not in self.models:  # the model first: NOT_FOUND as without variants
+            return await loop.run_in_executor(self._intake, admit, request, self.models, self.default_model,
+                                              self.limits, grpc_deadline)
+        live = {i.variant for i in self.pipeline.cluster.routable if not i.draining}
+        try:
+            variant = self.mix.resolve(request.variant, request.selection.accuracy_floor, live)
+        except VariantError as exc:
+            raise RequestError("INVALID_ARGUMENT", exc.field, exc.reason) from None
+        models = {self.default_model: self.variants[variant]}
+        adm = await loop.run_in_executor(self._intake, admit, request, models, self.default_model,
+                                         self.limits, grpc_deadline)
+        return _with(adm, variant=variant)
 
     async def _admit(self, request: prism_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Admitted:
         remaining = context.time_remaining()
@@ -87,6 +109,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         stored.request.CopyFrom(request)
         stored.request.request_id = adm.request_id
         stored.request.sampling.seed = adm.sampling.seed  # a takeover must sample the same tokens
+        stored.request.variant = adm.variant  # ... on the same variant
         record = RequestRecord(request_id=adm.request_id, payload=stored.SerializeToString(),
                                accepted_at=adm.arrival, deadline=adm.deadline, owner=self.owner, status="running")
         self._active.add(adm.request_id)  # before the record exists: never taken over by ourselves
@@ -181,6 +204,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                 out.usage.CopyFrom(message.usage)
                 out.placement.CopyFrom(message.placement)
                 out.reductions.CopyFrom(message.reductions)
+                out.variant = message.variant
         out.text = "".join(texts)
         return out
 

@@ -47,6 +47,9 @@ class Instance:
     capacity: Mapping[str, float] = field(hash=False)
     decode_slots: int = 0
     draining: bool = False
+    #: The model variant it serves (empty: the deployment names no variants); a request's
+    #: stages all run on instances of its variant.
+    variant: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -1,0 +1,156 @@
+"""Applying a pipeline configuration to the running workers: the thin adapter between the
+adaptation core's actions (`services.scheduler.core.adapt.diff`) and the live system.
+
+* ``set_cores`` / ``set_batch``: each live worker of the variant serving the stage changes its
+  compute share in place (`WorkerAdminService.SetCompute`, applied between batches);
+* ``set_share``: the variant mix's routing weights (requests pinning no variant);
+* ``start`` / ``scale``: the replicas wanted per (stage, variant), handed to `on_replicas` (the
+  launcher's scale loop, or an operator's hook); the count is also kept in `replicas`;
+* ``stop``: the variant's workers of that stage are DRAINED (they finish what they took; they
+  are never killed) and it takes no more traffic.
+
+None of these fails or loses a request in flight: shares change between batches, routing
+weights only steer new requests, and a drained worker finishes its work.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+
+from prism.v1 import worker_pb2, worker_pb2_grpc
+from services.scheduler.cluster import Cluster
+from services.scheduler.core.variants import VariantMix
+
+log = logging.getLogger(__name__)
+
+PIPELINE = "pipeline"  # a variant of the whole path: every stage of its workers
+
+
+class ConfigApplier:
+    def __init__(self, cluster: Cluster, mix: VariantMix | None = None, *,
+                 channel_for: Callable[[str], grpc.aio.Channel] | None = None,
+                 on_replicas: Callable[[str, str, int], Any] | None = None, timeout_s: float = 30.0,
+                 inflight: Callable[[], Iterable[str]] | None = None, stop_wait_s: float = 600.0):
+        self.cluster, self.mix = cluster, mix
+        #: The variants of the requests in flight (one per request), so that a variant is drained
+        #: only once nothing of it is queued: a drained worker finishes what it took, but tasks
+        #: still waiting in its own queue would have no other worker of their variant.
+        self.inflight = inflight
+        self.stop_wait_s = stop_wait_s
+        self._channel_for = channel_for
+        self._own: dict[str, grpc.aio.Channel] = {}
+        self.on_replicas = on_replicas
+        self.timeout_s = timeout_s
+        #: Replicas wanted per (stage, variant), as the last configuration applied says.
+        self.replicas: dict[tuple[str, str], int] = {}
+        #: What was done, one line per action (the admin log, tests).
+        self.log: list[str] = []
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if self._channel_for is not None:
+            return self._channel_for(address)
+        if address not in self._own:
+            self._own[address] = grpc.aio.insecure_channel(address)
+        return self._own[address]
+
+    async def close(self) -> None:
+        for channel in self._own.values():
+            await channel.close()
+        self._own.clear()
+
+    def workers(self, stage: str, variant: str) -> list[Any]:
+        """The live, non-draining instances of `variant` serving `stage` (any stage for a
+        whole-pipeline variant)."""
+        return [i for i in self.cluster.instances if not i.draining and i.variant == variant
+                and (stage == PIPELINE or stage in i.stages)]
+
+    async def set_compute(self, address: str, *, threads: int = 0, cpus: Iterable[int] = (),
+                          max_batch: int = -1) -> worker_pb2.SetComputeResponse:
+        """One worker's compute share, in place (returns once its compute thread applied it).
+        `max_batch` < 0 keeps the worker's bound."""
+        stub = worker_pb2_grpc.WorkerAdminServiceStub(self._channel(address))
+        if max_batch < 0:
+            current = await stub.GetCompute(worker_pb2.GetComputeRequest(), timeout=self.timeout_s)
+            max_batch = current.share.max_batch
+        share = worker_pb2.ComputeShare(threads=threads, cpus=list(cpus), max_batch=max_batch)
+        return await stub.SetCompute(worker_pb2.SetComputeRequest(share=share), timeout=self.timeout_s)
+
+    async def _cores(self, address: str, cores: int, index: int) -> list[int]:
+        """`cores` CPUs for the `index`-th worker of a group: consecutive, rotated by the index
+        so that workers on one machine spread over its cores."""
+        stub = worker_pb2_grpc.WorkerAdminServiceStub(self._channel(address))
+        allowed = list((await stub.GetCompute(worker_pb2.GetComputeRequest(), timeout=self.timeout_s)).allowed_cpus)
+        cores = max(1, min(cores, len(allowed)))
+        start = (index * cores) % len(allowed)
+        return sorted((allowed + allowed)[start:start + cores])
+
+    async def apply(self, actions: Iterable[Any]) -> list[str]:
+        """Carries out `actions` (objects with kind, stage, variant, value, as `diff` makes them),
+        in order; returns what was done."""
+        shares: dict[str, float] = {}
+        done: list[str] = []
+        for a in actions:
+            kind, stage, variant = a.kind, a.stage, a.variant
+            if kind in ("set_cores", "set_batch"):
+                for k, inst in enumerate(self.workers(stage, variant)):
+                    if kind == "set_cores":
+                        cpus = await self._cores(inst.address, int(a.value), k)
+                        await self.set_compute(inst.address, threads=len(cpus), cpus=cpus)
+                    else:
+                        await self.set_compute(inst.address, max_batch=int(a.value))
+                    done.append(f"{inst.name}: {kind} {a.value}")
+            elif kind == "set_share":
+                shares[variant] = max(float(a.value), 0.0)
+                self._weigh(shares, done)
+            elif kind in ("start", "scale"):
+                self.replicas[(stage, variant)] = int(a.value)
+                if self.on_replicas is not None:
+                    await _maybe_await(self.on_replicas(stage, variant, int(a.value)))
+                done.append(f"{stage}/{variant}: {int(a.value)} replicas")
+            elif kind == "stop":
+                self.replicas[(stage, variant)] = 0
+                shares[variant] = 0.0
+                self._weigh(shares, done)  # no new request picks it...
+                await self._settled(variant)  # ...and what it has in flight ends first
+                for inst in self.workers(stage, variant):
+                    await self.cluster.drain(inst.name)
+                    done.append(f"{inst.name}: drained")
+                if self.on_replicas is not None:
+                    await _maybe_await(self.on_replicas(stage, variant, 0))
+            else:
+                raise ValueError(f"unknown action kind {kind!r}")
+        for line in done:
+            log.info("adaptation: %s", line)
+        self.log += done
+        return done
+
+
+    def _weigh(self, shares: dict[str, float], done: list[str]) -> None:
+        """The variant mix's weights with `shares` applied (kept when all would be 0)."""
+        if self.mix is None:
+            return
+        weights = dict(self.mix.weights)
+        weights.update({v: s for v, s in shares.items() if v in weights})
+        if any(weights.values()) and weights != dict(self.mix.weights):
+            self.mix.set_weights(weights)
+            done.append(f"variant weights {weights}")
+
+    async def _settled(self, variant: str) -> None:
+        """Wait (up to `stop_wait_s`) until no request of `variant` is in flight."""
+        if self.inflight is None:
+            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.stop_wait_s
+        while variant in set(self.inflight()) and loop.time() < until:
+            await asyncio.sleep(0.05)
+
+
+async def _maybe_await(value: Any) -> None:
+    import inspect
+
+    if inspect.isawaitable(value):
+        await value

@@ -1,0 +1,118 @@
+"""Adaptation live (issue 7) over a real redis-server: two variants of the model served side by
+side (two tiny LLaVA checkpoints of different weights, so each variant's tokens are its own),
+requests pinning one or taking any at or above their accuracy floor, and a new configuration
+(cores and batch bound of running workers in place, the variant mix, a variant drained) applied
+while requests stream: none fails, none is lost, every output equals its variant's
+`model.generate`."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from prism.models.loading import ModelOptions
+from prism.runtime.host import WorkerHost
+from prism.v1 import worker_pb2, worker_pb2_grpc
+from services.scheduler.core.adapt_control import Action
+from services.worker.__main__ import specs as worker_specs
+from services.worker.config import WorkerConfig
+from tests.conftest import png_bytes, random_image
+from tests.integration.cluster import LocalCluster, chat, collect, server
+from tests.oracle import Oracle
+
+STAGES = ("encode", "prefill", "decode")
+
+
+@pytest.fixture(scope="module")
+def variant_dirs(tiny_models, tmp_path_factory):
+    from prism.models.builder import make_model
+
+    other = make_model("llava", "tiny", tmp_path_factory.mktemp("variant") / "llava-b", seed=1)
+    return {"a": tiny_models["llava"], "b": other}
+
+
+@pytest.fixture(scope="module")
+def oracles(variant_dirs):
+    return {name: Oracle(path) for name, path in variant_dirs.items()}
+
+
+async def add_variant_worker(c: LocalCluster, model_dir, variant: str, name: str) -> WorkerHost:
+    config = WorkerConfig(model=ModelOptions(model_dir=model_dir, threads=1, variant=variant), stages=",".join(STAGES),
+                          server=server(name), queue=c.queue_options, slots=c.slots, max_len=c.max_len, fetch_wait_s=2)
+    host = WorkerHost(worker_specs(config), config.server, c.queue_options, model_name=model_dir.resolve().name,
+                      threads=1, variant=variant, backend=c.backend(), handle_signals=False)
+    await host.start()
+    c.hosts[name] = host
+    return host
+
+
+async def compute_of(host: WorkerHost) -> worker_pb2.GetComputeResponse:
+    async with grpc.aio.insecure_channel(host.address) as channel:
+        return await worker_pb2_grpc.WorkerAdminServiceStub(channel).GetCompute(worker_pb2.GetComputeRequest())
+
+
+async def test_config_applied_under_load_loses_no_request_and_every_variant_serves_its_own_tokens(
+        variant_dirs, oracles, redis_url):
+    spec = f"a={variant_dirs['a']}:0.6,b={variant_dirs['b']}:0.8"
+    async with LocalCluster(variant_dirs["a"], [], redis_url=redis_url, slots=4,
+                            scheduler_args={"variants": spec}) as c:
+        hosts = {v: await add_variant_worker(c, variant_dirs[v], v, f"w-{v}") for v in ("a", "b")}
+        await c.wait_workers(2)
+        assert sorted(i.variant for i in c.parts["cluster"].instances) == ["a", "b"]
+
+        # Unknown variant: refused before any work, the field named.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(c.stub, chat("x", variant="nope"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("variant: unknown variant 'nope'")
+
+        cases = []  # (text, image seeds, max_new_tokens, pin, floor)
+        for i in range(12):
+            pin = ("a", "b", "", "")[i % 4]
+            floor = 0.7 if i % 4 == 3 else 0.0
+            cases.append((f"adapt {i}", [80 + i] if i % 3 == 0 else [], 4 + i % 3, pin, floor))
+
+        def request(text, seeds, n, pin, floor):
+            req = chat(text, [png_bytes(s) for s in seeds], n, variant=pin)
+            req.selection.accuracy_floor = floor
+            return req
+
+        applier = c.parts["applier"]
+        async with asyncio.timeout(180):
+            streams = [asyncio.create_task(collect(c.stub, request(*case))) for case in cases[:8]]
+            await asyncio.sleep(0.3)  # requests are in the stages now
+            done = await applier.apply([
+                Action("set_cores", "pipeline", "b", 1, 2), Action("set_batch", "pipeline", "b", 2, 4),
+                Action("set_batch", "pipeline", "a", 1, 4), Action("set_share", "pipeline", "b", 3.0),
+                Action("set_share", "pipeline", "a", 1.0)])
+            assert done[:3] == ["w-b: set_cores 1", "w-b: set_batch 2", "w-a: set_batch 1"]
+            streams += [asyncio.create_task(collect(c.stub, request(*case))) for case in cases[8:]]
+            await asyncio.sleep(0.2)
+            await applier.apply([Action("stop", "pipeline", "a", 0, 1)])  # drained, never killed
+            results = await asyncio.gather(*streams)
+
+        served = {}
+        for (text, seeds, n, pin, floor), (tokens, last) in zip(cases, results):
+            variant = last.variant
+            served[text] = variant
+            assert variant in ("a", "b"), text
+            if pin:
+                assert variant == pin, text
+            if floor:
+                assert variant == "b", text  # only b reaches 0.7
+            assert tokens == oracles[variant].chat(text, [random_image(s) for s in seeds], n), text
+            assert last.finish_reason and last.usage.generated_tokens == len(tokens)
+        assert {"a", "b"} <= set(served.values())
+
+        share_b = (await compute_of(hosts["b"])).share
+        assert (share_b.threads, share_b.max_batch, len(share_b.cpus)) == (1, 2, 1)
+        assert (await compute_of(hosts["a"])).share.max_batch == 1
+        assert c.worker("w-a", "decode").batch_sizes and max(c.worker("w-b", "decode").batch_sizes) <= 4
+        assert dict(c.parts["applier"].mix.weights) == {"a": 0.0, "b": 3.0}
+        assert [i.name for i in c.parts["cluster"].instances if i.draining] == ["w-a"]
+        assert c.parts["pipeline"].inflight == {}
+
+        # After the drain, a request pinning no variant goes to the live one.
+        tokens, last = await collect(c.stub, chat("after", [], 5))
+        assert last.variant == "b" and tokens == oracles["b"].chat("after", [], 5)
