@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -70,6 +71,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--loads", type=str, default="2,4")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
     p.add_argument("--layout", choices=("colocated", "split"), default="split")
+    p.add_argument("--serial-model", action="store_true",
+                   help="the selection program's serial model (every stage of every request in series) "
+                        "instead of overlapping stages")
+    p.add_argument("--parallelism", type=float, default=float(os.cpu_count() or 1),
+                   help="cores the stage processes share (the selection program's overlap bound)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--work-dir", type=Path, default=ROOT / ".bench" / "selection")
@@ -120,7 +126,8 @@ def make_profile(args) -> tuple[Path, dict]:
 def deployment(args, name: str, profile: Path | None):
     from prism.launch import Deployment, DeploymentOptions
 
-    sched = ["--selection-profile", str(profile)] if profile is not None else []
+    sched = [] if profile is None else ["--selection-profile", str(profile), "--selection-parallelism",
+                                        f"{args.parallelism:g}"] + (["--no-selection-overlap"] if args.serial_model else [])
     options = DeploymentOptions(model_dir=args.model_dir, layout=args.layout, placement=args.layout,
                                 threads=args.threads, slots=16, max_len=2048, log_dir=args.work_dir / "logs" / name,
                                 extra_args={"scheduler": sched})
@@ -261,6 +268,7 @@ def main(argv=None) -> None:
     report = {
         "benchmark": "deadline-driven modality selection (issue 4)",
         "model": "llava small (fp32)", "layout": args.layout, "threads_per_worker": args.threads,
+        "selection_model": "serial" if args.serial_model else f"flow shop, parallelism {args.parallelism:g}",
         "sequence": meta, "profile": profile_meta,
         "calibration": {"idle_e2e_ms_by_images": {str(k): rnd(v * 1000, 1) for k, v in idle.items()},
                         "sustainable_rate_per_s": round(1 / mean_s, 3), "deadline_x": args.deadline_x},

@@ -12,8 +12,8 @@ the caller's floor are not offered, the full request always is).
   maximising total expected accuracy; or the arrival is refused before any work is spent on it,
   naming the deadlines that would be missed. The program's model (requests a worker has begun
   first, then the rest as the stage queues serve them, by priority and earliest deadline, at the
-  measured stage capacities, the stages of every request in series) is conservative for split
-  stages, which overlap; it replaces admission's deadline estimate
+  measured stage capacities, the stages overlapping as a flow shop on the cores they share, or,
+  with ``--no-selection-overlap``, every stage of every request in series) replaces admission's deadline estimate
   when selection is on, while admission still applies the limits, back-pressure, placement and
   a TTFT target (there, and for requests without a deadline, only the request's own reductions
   are tried, most accurate first).
@@ -44,7 +44,7 @@ import grpc
 
 from prism.runtime import metrics
 from prism.v1 import common_pb2, prism_pb2
-from services.scheduler.core.selection import FULL, Job, Strategy, admit_with_selection, diagnose, reassign
+from services.scheduler.core.selection import FULL, Flow, Job, Strategy, admit_with_selection, diagnose, reassign
 from services.scheduler.intake import Admitted
 from services.scheduler.pipeline import Pipeline, Progress, StageError
 
@@ -88,8 +88,9 @@ class Stats:
 
 class Selector:
     def __init__(self, profile: Any, pipeline: Pipeline, executor: concurrent.futures.Executor, *,
-                 every_s: float = 0.25, time_limit_s: float = 0.01):
+                 every_s: float = 0.25, time_limit_s: float = 0.01, flow: Flow | None = None):
         self.profile = profile
+        self.flow = flow  # the program's model: stages overlapping (a flow shop), or None: in series
         self.pipeline = pipeline
         self.executor = executor
         self.every_s, self.time_limit_s = every_s, time_limit_s
@@ -246,7 +247,8 @@ class Selector:
                 return await self._admit_plainly(adm, entry)
             now, jobs, new = time.time(), self.jobs(), self._new_job(adm, entry)
             decision = await self._solve(admit_with_selection, jobs, new, now, capacity,
-                                         order=self.order([*jobs, new]), time_limit_s=self.time_limit_s)
+                                         order=self.order([*jobs, new]), time_limit_s=self.time_limit_s,
+                                         flow=self.flow)
             if not decision.ok:
                 self.stats.refused += 1
                 raise StageError(getattr(grpc.StatusCode, decision.code),
@@ -339,7 +341,7 @@ class Selector:
                 return 0
             now, jobs = time.time(), self.jobs()
             order = self.order(jobs)
-            late = {m.request_id for m in diagnose(jobs, now, capacity, order=order)}
+            late = {m.request_id for m in diagnose(jobs, now, capacity, order=order, flow=self.flow)}
             fixed, changes = [], {}
             for job in jobs:
                 if job.request_id in late:
@@ -348,7 +350,8 @@ class Selector:
                         changes[job.request_id] = cheapest
                     job = dataclasses.replace(job, deadline=None, reassignable=False, current=cheapest)
                 fixed.append(job)
-            result = await self._solve(reassign, fixed, now, capacity, order=order, time_limit_s=self.time_limit_s)
+            result = await self._solve(reassign, fixed, now, capacity, order=order, time_limit_s=self.time_limit_s,
+                                       flow=self.flow)
             if result.feasible and not result.fast_path:
                 changes.update({rid: result.choice[rid] for rid in result.changed})
             return await self._apply(changes)

@@ -13,6 +13,7 @@ from services.scheduler.core.selection import (
     EDF,
     FULL,
     GIVEN,
+    Flow,
     Job,
     Miss,
     Strategy,
@@ -68,25 +69,35 @@ def allowed(job):
     return [x for x in job.strategies if x.accuracy >= job.floor or x.id == FULL]
 
 
-def finishes(ordered, picks, now, capacity=None):
+def finishes(ordered, picks, now, capacity=None, flow=None):
+    """Serial: one server, the running sum. `flow`: the stages overlap as a permutation flow
+    shop (simulated stage by stage), no sooner than the running sum over the parallelism."""
     t, out = now, []
+    free = {stage: now for stage in (flow.stages if flow else ())}
     for x in picks:
         t += x.seconds(capacity)
-        out.append(t)
+        if flow is None:
+            out.append(t)
+            continue
+        work, at = x.stage_seconds(capacity), now
+        for stage in flow.stages:  # the job enters a stage when both it and the stage are free
+            start = max(at, free[stage])
+            at = free[stage] = start + work.get(stage, 0.0)
+        out.append(max(at, now + (t - now) / flow.parallelism))
     return out
 
 
-def meets(ordered, picks, now, capacity=None):
+def meets(ordered, picks, now, capacity=None, flow=None):
     return all(j.deadline is None or f <= j.deadline + 1e-9
-               for j, f in zip(ordered, finishes(ordered, picks, now, capacity)))
+               for j, f in zip(ordered, finishes(ordered, picks, now, capacity, flow)))
 
 
-def exhaustive(jobs, now, order=EDF, capacity=None):
+def exhaustive(jobs, now, order=EDF, capacity=None, flow=None):
     """(best total accuracy, least total work at it) over every assignment, or None."""
     ordered = serving_order(jobs, order)
     best = None
     for picks in itertools.product(*(allowed(j) for j in ordered)):
-        if meets(ordered, picks, now, capacity):
+        if meets(ordered, picks, now, capacity, flow):
             key = (sum(x.accuracy for x in picks), -sum(x.seconds(capacity) for x in picks))
             if (best is None or key[0] > best[0] + 1e-9
                     or (abs(key[0] - best[0]) <= 1e-9 and key[1] > best[1])):
@@ -94,7 +105,7 @@ def exhaustive(jobs, now, order=EDF, capacity=None):
     return None if best is None else (best[0], -best[1])
 
 
-def check_assignment(jobs, result, now, order=EDF, capacity=None):
+def check_assignment(jobs, result, now, order=EDF, capacity=None, flow=None):
     """The returned assignment is allowed, keeps the fixed jobs and meets every deadline."""
     ordered = serving_order(jobs, order)
     assert result.order == tuple(j.request_id for j in ordered)
@@ -104,10 +115,10 @@ def check_assignment(jobs, result, now, order=EDF, capacity=None):
             assert x.id == j.current
         else:
             assert x.accuracy >= j.floor or x.id == FULL  # never below its floor
-    assert meets(ordered, picks, now, capacity)
+    assert meets(ordered, picks, now, capacity, flow)
     assert result.objective == pytest.approx(sum(x.accuracy for x in picks), abs=1e-9)
     assert result.changed == tuple(j.request_id for j, x in zip(ordered, picks) if x.id != j.current)
-    for j, f in zip(ordered, finishes(ordered, picks, now, capacity)):
+    for j, f in zip(ordered, finishes(ordered, picks, now, capacity, flow)):
         assert result.finish[j.request_id] == pytest.approx(f, abs=1e-9)
 
 
@@ -162,6 +173,60 @@ def test_reassign_equals_exhaustive_search(case):
     assert result.objective == pytest.approx(expected[0], abs=1e-9)
     assert result.work_s == pytest.approx(expected[1], abs=1e-9)  # tie-break: least work
     assert diagnose(jobs, now, order=order) == ()
+
+
+FLOWS = st.sampled_from([Flow(), Flow(parallelism=2.0), Flow(("encode", "prefill"), 1.5)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(queues(), FLOWS)
+def test_reassign_under_overlapping_stages_equals_exhaustive_search(case, flow):
+    """The flow-shop program is exact even where a cheaper strategy is slower at some stage (the
+    random strategies here are not ordered stage by stage)."""
+    jobs, now, order = case
+    expected = exhaustive(jobs, now, order, flow=flow)
+    result = reassign(jobs, now, order=order, keep_feasible=False, flow=flow)
+    if expected is None:
+        assert not result.feasible and result.objective is None and result.method == "infeasible"
+        assert result.changed == () and result.misses
+        return
+    assert result.feasible and result.method in ("best", "milp"), result.method
+    check_assignment(jobs, result, now, order, flow=flow)
+    assert result.objective == pytest.approx(expected[0], abs=1e-9)
+    assert result.work_s == pytest.approx(expected[1], abs=1e-9)
+
+
+def test_overlapping_stages_admit_what_one_server_cannot():
+    """Two jobs, one encode-heavy and one prefill-heavy: in series the second misses, overlapped
+    (one device per stage) both fit; on one shared core (parallelism 1) neither model helps."""
+    a = Job("a", (Strategy(FULL, 1.0, work_s={"encode": 2.0, "prefill": 1.0}),), deadline=3.0)
+    b = Job("b", (Strategy(FULL, 1.0, work_s={"encode": 1.0, "prefill": 1.0}),
+                  Strategy("small", 0.5, work_s={"encode": 0.5, "prefill": 0.5})), deadline=4.0)
+    serial = reassign([a, b], 0.0, keep_feasible=False)
+    assert serial.choice == {"a": FULL, "b": "small"} and serial.finish["b"] == pytest.approx(4.0)
+    flow = reassign([a, b], 0.0, keep_feasible=False, flow=Flow(("encode", "prefill")))
+    assert flow.choice == {"a": FULL, "b": FULL} and flow.method == "best"
+    assert flow.finish == {"a": pytest.approx(3.0), "b": pytest.approx(4.0)}  # b encodes while a prefills
+    one_core = reassign([a, b], 0.0, keep_feasible=False, flow=Flow(("encode", "prefill"), 1.0))
+    assert one_core.choice == serial.choice and one_core.finish == serial.finish
+    with pytest.raises(ValueError, match="parallelism"):
+        Flow(parallelism=0.5)
+    with pytest.raises(ValueError, match="stages"):
+        Flow(("encode", "encode"))
+
+
+def test_admit_under_flow_fits_by_degrading_and_refuses_what_cannot_fit():
+    heavy = (Strategy(FULL, 1.0, work_s={"encode": 2.0, "prefill": 1.0}),
+             Strategy("text", 0.7, work_s={"prefill": 1.0}))
+    flow = Flow(("encode", "prefill"))
+    queued = [Job("q", heavy, deadline=3.0, floor=0.6)]
+    fits = admit_with_selection(queued, Job("n", heavy, deadline=3.0, floor=0.8), 0.0, flow=flow)
+    # n (floor 0.8) keeps its images: q goes text-only, its prefill done while n encodes.
+    assert fits.ok and fits.strategy == FULL and fits.changed == ("q",)
+    assert dict(fits.assignment.finish) == {"q": pytest.approx(1.0), "n": pytest.approx(3.0)}
+    refused = admit_with_selection(queued, Job("n", heavy, deadline=2.5, floor=0.8), 0.0, flow=flow)
+    assert not refused.ok and refused.code == "RESOURCE_EXHAUSTED" and "own work takes 3000 ms" in refused.message
+    assert refused.retry_after_s is None
 
 
 @settings(max_examples=100, deadline=None)

@@ -17,6 +17,13 @@ work). `reassign` picks one allowed strategy per job so that every job with a de
 maximising the total expected accuracy, then minimising the total work: an integer program for
 `scipy.optimize.milp` (HiGHS), binaries x[i, s] one-hot per job, a prefix-sum row per deadline.
 
+`Flow` is the tighter model for stages that overlap (one worker per stage): a permutation flow
+shop, job i leaving stage s at ``C[i,s] = max(C[i-1,s], C[i,s-1]) + work[i,s]`` (a stage serves
+one job at a time in the order; decode's work is its share of the batch's throughput), and, when
+the stages share `Flow.parallelism` cores or devices, no sooner than ``now + (every job's work up
+to i) / parallelism``. The program then has a continuous ``C[i,s]`` per job and stage with two
+precedence rows each, linear in the binaries, so it stays exact.
+
 Finish times only grow with work, so some assignment meets every deadline exactly when every job
 on its cheapest allowed strategy does; `diagnose` checks that without the solver and names the
 jobs that miss even then (`Miss`). Before solving, strategies dominated by one as accurate and no
@@ -46,7 +53,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from services.scheduler.core.load import STAGES
 
 __all__ = [
-    "EDF", "FULL", "GIVEN", "Admit", "Assignment", "Job", "Miss", "Strategy", "admit_with_selection",
+    "EDF", "FULL", "GIVEN", "Admit", "Assignment", "Flow", "Job", "Miss", "Strategy", "admit_with_selection",
     "diagnose", "reassign", "selection_time", "stage_seconds", "strategy_table",
 ]
 
@@ -145,6 +152,23 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Flow:
+    """The stages overlap: a flow shop through `stages` in order (each serves one job at a time,
+    in the serving order), whose stages share `parallelism` cores or devices (``math.inf``: each
+    stage its own; 2 for three single-threaded stage processes on two cores)."""
+
+    stages: tuple[str, ...] = STAGES
+    parallelism: float = math.inf
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages or set(self.stages).difference(STAGES) or len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"Flow: stages must be distinct stages of {STAGES}, got {self.stages}")
+        if not self.parallelism >= 1:
+            raise ValueError(f"Flow: parallelism must be >= 1, got {self.parallelism}")
+
+
+@dataclass(frozen=True)
 class Miss:
     """A job missing its deadline even with every job up to it on its cheapest allowed strategy."""
 
@@ -207,21 +231,30 @@ class _Plan:
     """One job in serving order: its strategies' work and its Pareto frontier of allowed ones
     (work and accuracy both strictly increasing; on exact ties the current, then the first)."""
 
-    __slots__ = ("job", "work", "acc", "allowed", "frontier")
+    __slots__ = ("job", "stage", "work", "acc", "allowed", "frontier", "cheapest", "best", "by_accuracy")
 
-    def __init__(self, job: Job, capacity: Capacity | None) -> None:
+    def __init__(self, job: Job, capacity: Capacity | None, flow: Flow | None = None) -> None:
         self.job = job
-        self.work = {s.id: s.seconds(capacity) for s in job.strategies}
+        self.stage = {s.id: s.stage_seconds(capacity) for s in job.strategies}  # {id: {stage: seconds}}
+        self.work = {sid: math.fsum(w.values()) for sid, w in self.stage.items()}
         self.acc = {s.id: s.accuracy for s in job.strategies}
         self.allowed = frozenset(s.id for s in job.allowed)
-        self.frontier: list[str] = []
+        self.frontier: list[str] = []  # by work; under `flow` the strategies no other one dominates
         for *_, sid in sorted((self.work[s.id], -s.accuracy, s.id != job.current, k, s.id)
                               for k, s in enumerate(job.allowed)):
-            if not self.frontier or self.acc[sid] > self.acc[self.frontier[-1]]:
+            if flow is None:
+                if not self.frontier or self.acc[sid] > self.acc[self.frontier[-1]]:
+                    self.frontier.append(sid)
+            elif not any(self.acc[o] >= self.acc[sid] and all(
+                    self.stage[o].get(st, 0.0) <= self.stage[sid].get(st, 0.0) for st in flow.stages)
+                    for o in self.frontier):
                 self.frontier.append(sid)
+        self.by_accuracy = sorted(self.frontier, key=lambda sid: (-self.acc[sid], self.work[sid]))
+        self.cheapest, self.best = self.frontier[0], self.by_accuracy[0]
 
 
-def _plans(jobs: Iterable[Job], order: str | Sequence[str], capacity: Capacity | None) -> list[_Plan]:
+def _plans(jobs: Iterable[Job], order: str | Sequence[str], capacity: Capacity | None,
+           flow: Flow | None = None) -> list[_Plan]:
     jobs = tuple(jobs)
     by_id = {j.request_id: j for j in jobs}
     if len(by_id) != len(jobs):
@@ -236,59 +269,84 @@ def _plans(jobs: Iterable[Job], order: str | Sequence[str], capacity: Capacity |
         ranked = [by_id[r] for r in order]
     else:
         raise ValueError("order must be EDF, GIVEN or a permutation of the jobs' request ids")
-    return [_Plan(j, capacity) for j in ranked]
+    return [_Plan(j, capacity, flow) for j in ranked]
 
 
-def _finishes(plans: Sequence[_Plan], choice: Sequence[str], now: float) -> list[float]:
-    return list(accumulate((p.work[s] for p, s in zip(plans, choice)), initial=now))[1:]
+def _finishes(plans: Sequence[_Plan], choice: Sequence[str], now: float, flow: Flow | None = None) -> list[float]:
+    serial = list(accumulate((p.work[s] for p, s in zip(plans, choice)), initial=now))[1:]
+    if flow is None:
+        return serial
+    out, done = [], dict.fromkeys(flow.stages, now)  # when each stage is free
+    for p, s, total in zip(plans, choice, serial):
+        ready = now
+        for stage in flow.stages:
+            ready = done[stage] = max(done[stage], ready) + p.stage[s].get(stage, 0.0)
+        out.append(max(ready, now + (total - now) / flow.parallelism))
+    return out
 
 
-def _late(plans: Sequence[_Plan], choice: Sequence[str], now: float) -> list[Miss]:
-    return [Miss(p.job.request_id, p.job.deadline, f) for p, f in zip(plans, _finishes(plans, choice, now))
+def _late(plans: Sequence[_Plan], choice: Sequence[str], now: float, flow: Flow | None = None) -> list[Miss]:
+    return [Miss(p.job.request_id, p.job.deadline, f) for p, f in zip(plans, _finishes(plans, choice, now, flow))
             if p.job.deadline is not None and f > p.job.deadline + TIME_TOL]
 
 
 def diagnose(jobs: Iterable[Job], now: float, capacity: Capacity | None = None, *,
-             order: str | Sequence[str] = EDF) -> tuple[Miss, ...]:
+             order: str | Sequence[str] = EDF, flow: Flow | None = None) -> tuple[Miss, ...]:
     """The jobs missing their deadline even with every job on its cheapest allowed strategy: none
-    exactly when some assignment meets every deadline (later misses may be due to earlier jobs)."""
-    plans = _plans(jobs, order, capacity)
-    return tuple(_late(plans, [p.frontier[0] for p in plans], now))
+    exactly when some assignment meets every deadline (later misses may be due to earlier jobs).
+    Under `flow` "cheapest" is the least total work, exact when it is also the least in every
+    stage (as for dropped or shrunk inputs; `reassign` solves the program before it says
+    infeasible under `flow`, so it is exact either way)."""
+    plans = _plans(jobs, order, capacity, flow)
+    return tuple(_late(plans, [p.cheapest for p in plans], now, flow))
 
 
-def _result(plans, choice, now, method, misses=(), variables=0, rows=0) -> Assignment:
+def _result(plans, choice, now, method, misses=(), variables=0, rows=0, flow=None) -> Assignment:
     ids, feasible = [p.job.request_id for p in plans], method != "infeasible"
     return Assignment(
         feasible, MappingProxyType(dict(zip(ids, choice))),
         math.fsum(p.acc[s] for p, s in zip(plans, choice)) if feasible else None,
         math.fsum(p.work[s] for p, s in zip(plans, choice)),
         tuple(p.job.request_id for p, s in zip(plans, choice) if s != p.job.current), tuple(ids),
-        MappingProxyType(dict(zip(ids, _finishes(plans, choice, now)))), method, tuple(misses),
+        MappingProxyType(dict(zip(ids, _finishes(plans, choice, now, flow)))), method, tuple(misses),
         variables, rows)
 
 
 def reassign(jobs: Iterable[Job], now: float, capacity: Capacity | None = None, *,
              order: str | Sequence[str] = EDF, keep_feasible: bool = True,
-             time_limit_s: float | None = None) -> Assignment:
+             time_limit_s: float | None = None, flow: Flow | None = None) -> Assignment:
     """One allowed strategy per job, every deadline met, most accurate, then least work.
 
     With `keep_feasible` (the fast path) a current assignment on allowed strategies meeting every
     deadline is kept without solving, even where a more accurate one exists. `time_limit_s`
-    bounds the solver (both passes); when it runs out the best assignment found is returned."""
-    plans = _plans(jobs, order, capacity)
+    bounds the solver (both passes); when it runs out the best assignment found is returned.
+    `flow`: the overlapping-stages model (module docstring); None: one server, the serial sum."""
+    plans = _plans(jobs, order, capacity, flow)
     current = [p.job.current for p in plans]
     if keep_feasible and all(c in p.allowed for p, c in zip(plans, current)) \
-            and not _late(plans, current, now):
-        return _result(plans, current, now, "current")
-    misses = _late(plans, [p.frontier[0] for p in plans], now)
+            and not _late(plans, current, now, flow):
+        return _result(plans, current, now, "current", flow=flow)
+    misses = _late(plans, [p.cheapest for p in plans], now, flow)
+    best = [p.best for p in plans]
+    if flow is not None:
+        top = _finishes(plans, best, now, flow)
+        if not misses and all(p.job.deadline is None or f <= p.job.deadline + TIME_TOL for p, f in zip(plans, top)):
+            return _result(plans, best, now, "best", flow=flow)
+        # Every deadline is a row: a less accurate strategy may take longer at some stage.
+        last = max(k for k, p in enumerate(plans) if p.job.deadline is not None)
+        choice, method, n_vars, n_rows = _solve_flow(plans, best, last, now, flow, time_limit_s)
+        if choice is None and not misses:
+            choice, method = _greedy(plans, now, flow), "greedy"
+        if choice is None:
+            return _result(plans, current, now, "infeasible", misses, flow=flow)
+        return _result(plans, choice, now, method, variables=n_vars, rows=n_rows, flow=flow)
     if misses:
-        return _result(plans, current, now, "infeasible", misses)
-    best = [p.frontier[-1] for p in plans]
-    top = _finishes(plans, best, now)
+        return _result(plans, current, now, "infeasible", misses, flow=flow)
+    top = _finishes(plans, best, now, flow)
     binding = [k for k, p in enumerate(plans)
                if p.job.deadline is not None and top[k] > p.job.deadline + TIME_TOL]
     if not binding:
-        return _result(plans, best, now, "best")
+        return _result(plans, best, now, "best", flow=flow)
 
     # Variables: the frontiers of the jobs up to the last binding deadline that have a choice;
     # the others stay on `best`, which is their only strategy unless they come after it.
@@ -323,24 +381,98 @@ def reassign(jobs: Iterable[Job], now: float, capacity: Capacity | None = None, 
     return _result(plans, choice, now, method, variables=len(var_sid), rows=len(rows))
 
 
-def _greedy(plans: Sequence[_Plan], now: float) -> list[str]:
+def _greedy(plans: Sequence[_Plan], now: float, flow: Flow | None = None) -> list[str]:
     """A feasible assignment: all cheapest, then each job (last first) as accurate as still fits."""
-    choice = [p.frontier[0] for p in plans]
+    choice = [p.cheapest for p in plans]
     for i in reversed(range(len(plans))):
-        choice[i] = next(s for s in reversed(plans[i].frontier)
-                         if s == choice[i] or not _late(plans, choice[:i] + [s] + choice[i + 1:], now))
+        choice[i] = next(s for s in plans[i].by_accuracy
+                         if s == choice[i] or not _late(plans, choice[:i] + [s] + choice[i + 1:], now, flow))
     return choice
 
 
-def _lex_milp(primary, secondary, groups, a_ub=None, b_ub=None, time_limit_s=None, upper=None):
+def _solve_flow(plans: Sequence[_Plan], best: Sequence[str], last: int, now: float, flow: Flow,
+                time_limit_s: float | None) -> tuple[list[str] | None, str, int, int]:
+    """`reassign`'s program under `flow`: binaries x[i, s] (one-hot over the frontier of each job
+    up to `last`, the last with a deadline, that has a choice), continuous C[i, k] >= 0 (job i
+    leaves stage k, seconds after `now`); rows ``C[i,k] - C[i-1,k] - work >= 0`` and ``C[i,k] -
+    C[i,k-1] - work >= 0``, and for each deadline ``C[i, last stage] <= deadline - now`` and
+    ``(work up to i) / parallelism <= deadline - now``. Jobs after `last` keep `best`. The choice
+    is None when the solver found none (infeasible, or out of time)."""
+    n_jobs, stages = last + 1, flow.stages
+    free = [i for i in range(n_jobs) if len(plans[i].frontier) > 1]
+    var_sid, groups, pos = [], [], []
+    for i in free:
+        groups.append(list(range(len(var_sid), len(var_sid) + len(plans[i].frontier))))
+        var_sid += plans[i].frontier
+        pos += [i] * len(plans[i].frontier)
+    n_bin, n_st = len(var_sid), len(stages)
+    n = n_bin + n_jobs * n_st
+    col = {(i, k): n_bin + i * n_st + k for i in range(n_jobs) for k in range(n_st)}
+    stage_work = np.array([[plans[i].stage[s].get(st, 0.0) for st in stages] for i, s in zip(pos, var_sid)])
+    stage_work = stage_work.reshape(n_bin, n_st)
+    fixed = {i: [plans[i].stage[best[i]].get(st, 0.0) for st in stages] for i in range(n_jobs) if i not in set(free)}
+    rows, lower, upper = [], [], []
+
+    def row(coeffs: dict[int, float], lo: float, hi: float) -> None:
+        r = np.zeros(n)
+        for c, v in coeffs.items():
+            r[c] += v
+        rows.append(r)
+        lower.append(lo)
+        upper.append(hi)
+
+    for i in range(n_jobs):
+        own = [j for j, p in enumerate(pos) if p == i]
+        for k in range(n_st):
+            work = {j: -stage_work[j, k] for j in own}
+            const = fixed[i][k] if i in fixed else 0.0
+            for prev in ([(i - 1, k)] if i else []) + ([(i, k - 1)] if k else []):
+                row({col[(i, k)]: 1.0, col[prev]: -1.0, **work}, const, np.inf)
+            if not i and not k:
+                row({col[(i, k)]: 1.0, **work}, const, np.inf)
+        deadline = plans[i].job.deadline
+        if deadline is not None:
+            row({col[(i, n_st - 1)]: 1.0}, -np.inf, deadline - now + TIME_TOL)
+            if flow.parallelism < math.inf:
+                prefix = [j for j, p in enumerate(pos) if p <= i]
+                const = math.fsum(sum(fixed[h]) for h in fixed if h <= i)
+                row({j: stage_work[j].sum() / flow.parallelism for j in prefix}, -np.inf,
+                    deadline - now - const / flow.parallelism + TIME_TOL)
+    acc = np.array([plans[i].acc[s] for i, s in zip(pos, var_sid)])
+    work_total = np.array([plans[i].work[s] for i, s in zip(pos, var_sid)])
+    primary = np.concatenate([-_ACC_SCALE * acc, np.zeros(n - n_bin)])
+    secondary = np.concatenate([work_total, np.zeros(n - n_bin)])
+    picked, method = _lex_milp(primary, secondary, groups, np.array(rows), np.array(upper), time_limit_s,
+                               n_binary=n_bin, b_lb=np.array(lower))
+    if picked is None:
+        return None, method, n_bin, len(rows)
+    choice = list(best)
+    for g, k in enumerate(picked):
+        choice[free[g]] = var_sid[groups[g][k]]
+    if _late(plans, choice, now, flow):  # numerical slack: the greedy one is feasible (checked by it)
+        return None, "greedy", n_bin, len(rows)
+    return choice, method, n_bin, len(rows)
+
+
+def _lex_milp(primary, secondary, groups, a_ub=None, b_ub=None, time_limit_s=None, upper=None, *,
+              n_binary=None, b_lb=None):
     """Minimises `primary`, then `secondary`, over binaries one-hot within each of `groups`
-    (contiguous): (index picked per group, "milp" or "limit"), or (None, "infeasible"/"limit")."""
+    (contiguous, the first `n_binary` variables; any after them are continuous, >= 0), subject to
+    ``b_lb <= a_ub @ x <= b_ub``: (index picked per group, "milp" or "limit"), or (None,
+    "infeasible"/"limit")."""
     primary, n = np.asarray(primary, dtype=float), len(primary)
+    n_binary = n if n_binary is None else n_binary
     gid = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
-    constraints = [LinearConstraint(np.equal.outer(np.arange(len(groups)), gid) * 1.0, 1.0, 1.0)]
+    one_hot = np.zeros((len(groups), n))
+    one_hot[:, :n_binary] = np.equal.outer(np.arange(len(groups)), gid)
+    constraints = [LinearConstraint(one_hot, 1.0, 1.0)]
     if a_ub is not None and len(a_ub):
-        constraints.append(LinearConstraint(a_ub, -np.inf, b_ub))
-    bounds = Bounds(0.0, 1.0 if upper is None else np.asarray(upper, dtype=float))
+        constraints.append(LinearConstraint(a_ub, -np.inf if b_lb is None else b_lb, b_ub))
+    top = np.ones(n) if upper is None else np.asarray(upper, dtype=float)
+    if n > n_binary:
+        top = np.concatenate([top[:n_binary], np.full(n - n_binary, np.inf)])
+    bounds = Bounds(0.0, top)
+    integrality = np.concatenate([np.ones(n_binary), np.zeros(n - n_binary)])
     end = None if time_limit_s is None else time.perf_counter() + time_limit_s
 
     def solve(c):
@@ -350,7 +482,7 @@ def _lex_milp(primary, secondary, groups, a_ub=None, b_ub=None, time_limit_s=Non
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)  # "passed verbatim"
             try:
-                return milp(c, integrality=np.ones(n), bounds=bounds, constraints=constraints,
+                return milp(c, integrality=integrality, bounds=bounds, constraints=constraints,
                             options=options)
             except AttributeError:  # a HiGHS without these options
                 _HIGHS_EXTRA.clear()
@@ -379,7 +511,7 @@ def _lex_milp(primary, secondary, groups, a_ub=None, b_ub=None, time_limit_s=Non
 
 def admit_with_selection(queued_jobs: Iterable[Job], new_job: Job, now: float,
                          capacity: Capacity | None = None, *, order: str | Sequence[str] = EDF,
-                         time_limit_s: float | None = None) -> Admit:
+                         time_limit_s: float | None = None, flow: Flow | None = None) -> Admit:
     """Fits `new_job` by reassigning the reassignable queued jobs, or refuses it.
 
     Never moves a job below its floor, never makes a queued job miss a deadline it could still
@@ -389,15 +521,15 @@ def admit_with_selection(queued_jobs: Iterable[Job], new_job: Job, now: float,
     with a retry hint, the worst overshoot (queued work drains a second per second), or None
     when the new job's own cheapest work exceeds its time left."""
     queued, rid = tuple(queued_jobs), new_job.request_id
-    plans = _plans(queued + (new_job,), order, capacity)
+    plans = _plans(queued + (new_job,), order, capacity, flow)
     ids = [p.job.request_id for p in plans]
     if new_job.deadline is not None and new_job.deadline <= now:
         return Admit(False, "DEADLINE_EXCEEDED",
                      f"selection: {rid}: deadline passed {(now - new_job.deadline) * 1e3:.0f} ms ago", None,
-                     None, _result(plans, [p.job.current for p in plans], now, "infeasible"))
-    late = {m.request_id for m in diagnose(queued, now, capacity, order=[i for i in ids if i != rid])}
+                     None, _result(plans, [p.job.current for p in plans], now, "infeasible", flow=flow))
+    late = {m.request_id for m in diagnose(queued, now, capacity, order=[i for i in ids if i != rid], flow=flow)}
     relaxed = [replace(j, deadline=None) if j.request_id in late else j for j in queued]
-    result = reassign(relaxed + [new_job], now, capacity, order=ids, time_limit_s=time_limit_s)
+    result = reassign(relaxed + [new_job], now, capacity, order=ids, time_limit_s=time_limit_s, flow=flow)
     already_late = tuple(i for i in ids if i in late)
     if result.feasible:
         changed = tuple(r for r in result.changed if r != rid)
@@ -409,7 +541,7 @@ def admit_with_selection(queued_jobs: Iterable[Job], new_job: Job, now: float,
     msg = (f"selection: with {rid} admitted, deadlines are missed ({misses}) even with every job on its "
            f"cheapest allowed strategy")
     plan = plans[ids.index(rid)]
-    own_s, retry = plan.work[plan.frontier[0]], None
+    own_s, retry = plan.work[plan.cheapest], None
     if new_job.deadline is not None and own_s > new_job.deadline - now + TIME_TOL:
         msg += f"; {rid}'s own work takes {own_s * 1e3:.0f} ms at least"
     else:
