@@ -49,8 +49,12 @@ def pipeline_case(seed: int):
     stages = ["encode", "prefill", "decode"][: rng.randint(1, 3)]
     variants = {s: [VariantProfile(f"{s}{k}", s, round(rng.uniform(0.6, 1.0), 3), random_model(rng))
                     for k in range(rng.randint(1, 2 if len(stages) == 3 else 3))] for s in stages}
+    combos = None
+    if rng.random() < 0.3:  # only some combinations may run together
+        every = list(itertools.product(*[[(s, v.name) for v in vs] for s, vs in variants.items()]))
+        combos = [dict(k) for k in rng.sample(every, rng.randint(1, len(every)))]
     return variants, rng.choice((0.0, rng.uniform(1, 40))), rng.uniform(50, 600), random_bounds(rng, stages), \
-        Weights(accuracy=rng.choice((0.0, 5.0, 40.0)), cost=rng.choice((1.0, 0.5)))
+        Weights(accuracy=rng.choice((0.0, 5.0, 40.0)), cost=rng.choice((1.0, 0.5))), combos
 
 
 def stage_candidates(stage, vs, rate, bounds):
@@ -63,10 +67,12 @@ def stage_candidates(stage, vs, rate, bounds):
     return out
 
 
-def brute_pipeline(variants, rate, slo, bounds, weights):
+def brute_pipeline(variants, rate, slo, bounds, weights, combos=None):
     best = None
     per_stage = [stage_candidates(s, vs, rate, bounds) for s, vs in variants.items()]
     for combo in itertools.product(*per_stage):
+        if combos is not None and {s: v.name for s, (v, *_) in zip(variants, combo)} not in combos:
+            continue
         lat = sum(latency(v, b, c, rate) for v, b, c, n in combo)
         cores = sum(c * n for v, b, c, n in combo)
         acc = math.prod(v.accuracy for v, *_ in combo)
@@ -98,13 +104,15 @@ def check_pipeline(config, variants, rate, slo, bounds, weights):
 
 @pytest.mark.parametrize("seed", range(120))
 def test_pipeline_equals_exhaustive_search(seed):
-    variants, rate, slo, bounds, weights = pipeline_case(seed)
-    best = brute_pipeline(variants, rate, slo, bounds, weights)
+    variants, rate, slo, bounds, weights, combos = pipeline_case(seed)
+    best = brute_pipeline(variants, rate, slo, bounds, weights, combos)
     if best is None:
         with pytest.raises(Infeasible):
-            solve_pipeline(variants, rate, slo, bounds, weights)
+            solve_pipeline(variants, rate, slo, bounds, weights, combinations=combos)
         return
-    config = solve_pipeline(variants, rate, slo, bounds, weights)
+    config = solve_pipeline(variants, rate, slo, bounds, weights, combinations=combos)
+    if combos is not None:
+        assert {s: c.variant for s, c in config.stages.items()} in combos
     assert check_pipeline(config, variants, rate, slo, bounds, weights) == pytest.approx(best, abs=TOL)
     assert config.objective == pytest.approx(best, abs=TOL)
 
@@ -112,6 +120,7 @@ def test_pipeline_equals_exhaustive_search(seed):
 def test_pipeline_cases_are_not_trivial():
     """The random cases exercise both outcomes and several choices (guards the generator)."""
     outcomes = [brute_pipeline(*pipeline_case(seed)) for seed in range(120)]
+    assert sum(pipeline_case(seed)[-1] is not None for seed in range(120)) > 20
     assert 20 < sum(o is None for o in outcomes) < 100
 
 
@@ -119,6 +128,20 @@ def two_variants():
     small = VariantProfile("small", "prefill", 0.7, LatencyModel.parametric(10, 40))
     large = VariantProfile("large", "prefill", 0.9, LatencyModel.parametric(40, 160))
     return small, large
+
+
+def test_pipeline_keeps_variants_that_must_run_together():
+    small, large = two_variants()
+    dec = [VariantProfile("small", "decode", 1.0, LatencyModel.parametric(5, 20)),
+           VariantProfile("large", "decode", 1.0, LatencyModel.parametric(40, 160))]  # 200 ms: 2 workers
+    bounds = Bounds(max_replicas={"*": 8}, batches={"*": (1,)}, cores={"*": (1,)}, total_cores=32, headroom=0.0)
+    free = solve_pipeline({"prefill": [small, large], "decode": dec}, 10, 1000, bounds, Weights(accuracy=6.0))
+    assert [c.variant for c in free.stages.values()] == ["large", "small"]  # a mismatch, when allowed
+    tied = solve_pipeline({"prefill": [small, large], "decode": dec}, 10, 1000, bounds, Weights(accuracy=6.0),
+                          combinations=[{"prefill": n, "decode": n} for n in ("small", "large")])
+    assert [c.variant for c in tied.stages.values()] == ["small", "small"]  # 2 - 4.2 beats large: 4 - 5.4
+    with pytest.raises(ValueError, match="combination"):
+        solve_pipeline({"prefill": [small]}, 1, 1000, combinations=[{"prefill": "huge"}])
 
 
 def test_pipeline_trades_accuracy_for_cost_by_the_weights():

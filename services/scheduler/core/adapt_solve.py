@@ -13,7 +13,8 @@ of them, ``n_min[o] x[o] <= n[o] <= R x[o]`` with ``n_min[o] = max(min_replicas,
 headroom) l / (1000 b)))`` (the capacity row ``n[o] * 1000 b / l >= rate (1 + headroom)`` solved
 for the integer n); end-to-end latency ``sum_o latency[o] x[o] <= slo``; ``sum_o cores[o] n[o] <=
 total_cores``; the variant chosen at each stage is the one of the combination chosen
-(``sum_{o of s with variant v} x[o] = sum_{k with k[s] = v} z[k]``). Pipeline accuracy is the
+(``sum_{o of s with variant v} x[o] = sum_{k with k[s] = v} z[k]``), where k ranges over the
+combinations allowed to run together (all, or those the operator lists). Pipeline accuracy is the
 product of the stage accuracies; it is made linear by ENUMERATING the combinations (z, exact for
 any number of stages, as long as the product of the variant counts stays small -- tens), not by
 logs, so the objective is exactly ``min cost * sum cores n - accuracy * sum_k acc[k] z[k]``
@@ -138,9 +139,14 @@ def _solve(c, integrality, lb, ub, rows, time_limit_s, tie=None):
 
 def solve_pipeline(variants_by_stage: Mapping[str, Sequence[VariantProfile]], rate_rps: float, slo_ms: float,
                    bounds: Bounds = Bounds(), weights: Weights = Weights(), *,
+                   combinations: Iterable[Mapping[str, str]] | None = None,
                    time_limit_s: float | None = None) -> PipelineConfig:
     """Per stage one (variant, batch, cores) and its replicas, end-to-end latency within `slo_ms`
-    at `rate_rps`, cores within budget, least ``cost - weighted accuracy`` (module docstring)."""
+    at `rate_rps`, cores within budget, least ``cost - weighted accuracy`` (module docstring).
+
+    `combinations` ({stage: variant name} each) lists the variant combinations that may run
+    together (a prefill and a decode must share one language model: its KV means nothing to
+    another's layers); None: any."""
     stages = list(variants_by_stage)
     if not stages:
         raise ValueError("solve_pipeline: no stages")
@@ -153,6 +159,11 @@ def solve_pipeline(variants_by_stage: Mapping[str, Sequence[VariantProfile]], ra
         if not o:
             raise Infeasible(_why_no_option(s, variants_by_stage[s], rate_rps, slo_ms, bounds))
     combos = [k for k in itertools.product(*[[v.name for v in variants_by_stage[s]] for s in stages])]
+    if combinations is not None:
+        allowed = {tuple(c.get(s) for s in stages) for c in combinations}
+        combos = [k for k in combos if k in allowed]
+        if not combos:
+            raise ValueError("solve_pipeline: no combination names one known variant for every stage")
     acc_of = {s: {v.name: v.accuracy for v in variants_by_stage[s]} for s in stages}
     combo_acc = [math.prod(acc_of[s][name] for s, name in zip(stages, k)) for k in combos]
     keep = [i for i, a in enumerate(combo_acc) if a >= bounds.min_accuracy - _EPS]
