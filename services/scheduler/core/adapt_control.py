@@ -198,6 +198,7 @@ class Adapter:
     weights: Weights = field(default_factory=Weights)
     forecaster: RateForecaster = field(default_factory=RateForecaster)
     clock: Callable[[], float] = time.monotonic
+    combinations: Sequence[Mapping[str, str]] | None = None  # variants that may run together (solve_pipeline)
     current: PipelineConfig | None = None
     last_solve_s: float | None = None
     last_reason: str = ""  # why the last step changed or kept the configuration
@@ -213,7 +214,7 @@ class Adapter:
         s = self.settings
         if s.mode == "pipeline":
             return solve_pipeline(self.variants, rate_rps, s.slo_ms, self.bounds, self.weights,
-                                  time_limit_s=s.time_limit_s)
+                                  combinations=self.combinations, time_limit_s=s.time_limit_s)
         if len(self.variants) != 1:
             raise ValueError("mode 'variants' adapts one stage (or the pipeline as one stage)")
         (stage, vs), = self.variants.items()
