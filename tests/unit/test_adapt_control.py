@@ -72,7 +72,9 @@ def test_diff_orders_start_and_scale_up_before_changes_and_stops_last():
     assert [str(a) for a in diff(old, new)] == [
         "prefill: start large with 2 replicas of 2 cores, batch 4",
         "encode: set cores of e to 4",
+        "prefill: set cores of large to 2",
         "encode: set max batch of e to 2",
+        "prefill: set max batch of large to 4",
         "encode: scale e to 1 replicas",
         "prefill: drain and stop small",
     ]
@@ -88,7 +90,8 @@ def test_diff_of_mixes_sets_shares():
     new = config({"p": a2}, {"p": (a2, StageChoice("b", 1, 1, 1, 2.0))})
     assert [str(x) for x in diff(old, new)] == ["p: scale a to 2 replicas", "p: send 8.0 req/s to a",
                                                 "p: send 2.0 req/s to b"]
-    assert [x.kind for x in diff(None, new)] == ["start", "start", "set_share", "set_share"]
+    assert [x.kind for x in diff(None, new)] == ["start", "start", "set_cores", "set_cores", "set_batch",
+                                                "set_batch", "set_share", "set_share"]
 
 
 # -- adapter -------------------------------------------------------------------------------------------------

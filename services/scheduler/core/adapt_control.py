@@ -14,8 +14,9 @@ cannot carry the forecast (too little capacity, or the SLO missed at that rate) 
 (b) it differs and is better by at least `min_gain` of objective (cores) for `stable_steps`
 consecutive solves in a row (no flapping on noise; scaling down waits). `diff` lists the
 actions from one configuration to the next in an order that never drops capacity below what is
-needed: start what is new and scale up first, then change cores and batch sizes (between
-batches, in place), then traffic shares, and stop or scale down last.
+needed: start what is new and scale up first, then set cores and batch sizes (in place, between
+batches; a new worker's too), then traffic shares, and stop or scale down last; a stopped worker
+drains (finishes what it holds) before it exits, so no request is dropped.
 """
 from __future__ import annotations
 
@@ -147,6 +148,8 @@ def diff(old: PipelineConfig | None, new: PipelineConfig) -> list[Action]:
             o = before.get(name)
             if o is None:
                 acts.append((_ORDER["start"], Action("start", stage, name, w.replicas, choice=w)))
+                acts.append((_ORDER["set_cores"], Action("set_cores", stage, name, w.cores)))
+                acts.append((_ORDER["set_batch"], Action("set_batch", stage, name, w.batch)))
             else:
                 if w.replicas != o.replicas:
                     order = _ORDER["scale_up"] if w.replicas > o.replicas else _ORDER["scale"]
