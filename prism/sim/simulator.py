@@ -30,7 +30,7 @@ from types import MappingProxyType
 from prism.bench.stats import RequestRecord
 from prism.sim.events import Clock
 from prism.sim.profile import SimProfile
-from prism.sim.workers import DecodeWorker, Device, EncodeWorker, Host, PrefillWorker, Task
+from prism.sim.workers import DecodeWorker, Device, EncodeWorker, Host, PrefillWorker, StageQueue, Task
 from services.scheduler.core import (STAGES, Admission, Autoscaler, Instance, Limits, LoadBook, NoInstance,
                                      Placement, RateTracker, RequestCost, ScalePolicy, SloTracker)
 from services.scheduler.core.autoscale import capacity_from_profile
@@ -103,6 +103,8 @@ class AutoscaleConfig:
     """The single-stage instance started for each stage scaled."""
     min_replicas: int = 1
     max_replicas: int = 4
+    max_by_stage: Mapping[str, int] = field(default_factory=dict)
+    """Per-stage bound overriding `max_replicas` (e.g. each pool's static size)."""
     target_utilisation: float = 0.8
     scale_out_cooldown_s: float = 10.0
     scale_in_cooldown_s: float = 60.0
@@ -132,6 +134,10 @@ class SimConfig:
     refresh_s: float = 0.25
     profile_window: int = 32
     autoscale: AutoscaleConfig | None = None
+    shared_queues: bool = False
+    """One queue per stage read by all its workers (``--shared-queues``, the Kubernetes
+    deployment): a task goes to whichever worker takes it first, and the scheduler moves its
+    booked load there when the task's first event names that worker."""
 
     def __post_init__(self) -> None:
         if not self.instances and self.autoscale is None:
@@ -179,6 +185,11 @@ class _Inst:
                                                     max_batch_tokens=spec.prefill_batch_tokens)
             else:
                 self.workers[stage] = DecodeWorker(name, clock, self.device, p, sim, spec.tp, slots=spec.slots)
+            if sim.config.shared_queues:
+                w = self.workers[stage]
+                w.queue = sim.shared[stage]
+                w.peers = sim.peers[stage]
+                w.peers.append(w)
 
     def idle(self) -> bool:
         for w in self.workers.values():
@@ -199,6 +210,7 @@ class _Req:
     first_s: float | None = None
     prefill_done: float | None = None
     decode_task: Task | None = None
+    decode_worker: str = ""
 
 
 class Simulator:
@@ -223,11 +235,13 @@ class Simulator:
         self._samples: dict[tuple[str, str], collections.deque] = {}
         self._names: dict[str, int] = collections.Counter()
         self._reqs: dict[str, _Req] = {}
-        self._tasks: dict[str, tuple[str, str]] = {}  # task id -> (request id, stage)
+        self._tasks: dict[str, tuple[str, str, str]] = {}  # task id -> (request id, stage, booked instance)
         self.records: list[RequestRecord] = []
         self.decisions: list[tuple] = []
         self.placements = {"split": 0, "colocated": 0}
         self.replicas: list[tuple[float, dict[str, int]]] = []
+        self.shared = {s: StageQueue() for s in STAGES}
+        self.peers: dict[str, list] = {s: [] for s in STAGES}
         self._expected = 0
         for spec in config.instances:
             for _ in range(spec.count):
@@ -241,6 +255,8 @@ class Simulator:
         self._names[kind] += 1
         inst = _Inst(name, spec, self, self.clock.now)
         inst.registered = registered
+        for w in inst.workers.values():
+            w.stopped = not registered
         self.insts[name] = inst
         return inst
 
@@ -305,7 +321,7 @@ class Simulator:
             c = [i.cap(s) for i in live if s in i.stages]
             caps[s] = sum(c) / len(c) if c else DEFAULT_CAPACITY[s]
         policies = {s: ScalePolicy(capacity=max(caps[s], 1e-6), min_replicas=a.min_replicas,
-                                   max_replicas=a.max_replicas, target_utilisation=a.target_utilisation,
+                                   max_replicas=a.max_by_stage.get(s, a.max_replicas), target_utilisation=a.target_utilisation,
                                    scale_in_cooldown_s=a.scale_in_cooldown_s,
                                    scale_out_cooldown_s=a.scale_out_cooldown_s) for s in STAGES}
         if self.autoscaler is None:
@@ -318,17 +334,20 @@ class Simulator:
         for stage, want in desired.items():
             if stage not in a.templates:
                 continue
-            want = max(a.min_replicas, min(a.max_replicas, want))
+            want = max(a.min_replicas, min(a.max_by_stage.get(stage, a.max_replicas), want))
             while have[stage] < want:
                 inst = self._add(a.templates[stage], registered=False)
                 self.clock.after(a.start_s, lambda inst=inst: self._register(inst))
                 have[stage] += 1
             if have[stage] > want:
-                mine = [i for i in self.insts.values() if i.spec is a.templates[stage] and i.removed_at is None
+                mine = [i for i in self.insts.values() if i.spec.stages == (stage,) and i.removed_at is None
                         and not i.draining]
                 if mine:
                     victim = mine[-1]
                     victim.draining = True
+                    if self.config.shared_queues:  # it stops reading the shared queue, finishes what it took
+                        for w in victim.workers.values():
+                            w.stopped = True
                     self._refresh()
                     self._reap(victim)
                     have[stage] -= 1
@@ -337,6 +356,9 @@ class Simulator:
 
     def _register(self, inst: _Inst) -> None:
         inst.registered = True
+        for w in inst.workers.values():
+            w.stopped = False
+            w.kick()
         self._refresh()
         self._note_replicas()
 
@@ -425,7 +447,7 @@ class Simulator:
             self._queue_prefill(st)
 
     def _put(self, stage: str, name: str, task: Task) -> None:
-        self._tasks[task.task_id] = (task.request_id, stage)
+        self._tasks[task.task_id] = (task.request_id, stage, name)
         self.book.add(task.task_id, stage, name, task.cost)
         self._worker(name, stage).put(task)
 
@@ -441,9 +463,15 @@ class Simulator:
         self.clock.after(self.profile.overhead_s("event"), fn)
 
     def running(self, task: Task, worker: str) -> None:
-        if self._tasks.get(task.task_id, ("", ""))[1] != "prefill":
+        rid, stage, booked = self._tasks[task.task_id]
+        st = self._reqs[rid]
+        if worker != booked:  # taken from a shared queue: the pipeline moves its load on this event
+            self._tasks[task.task_id] = (rid, stage, worker)
+            self._later(lambda: self.book.move(task.task_id, stage, worker, from_instance=booked))
+        if stage == "decode":
+            st.decode_worker = worker
+        if stage != "prefill":
             return
-        st = self._reqs[task.request_id]
         if st.req.max_new_tokens > 1 and st.decode_task is None:
             def queue_decode() -> None:
                 r, c = st.req, st.cost
@@ -458,14 +486,13 @@ class Simulator:
         return self._reqs[task.request_id].prefill_done
 
     def ready(self, task: Task, worker: str, compute_s: float) -> None:
-        rid, stage = self._tasks[task.task_id]
+        rid, stage, _ = self._tasks[task.task_id]
         st = self._reqs[rid]
         if stage == "prefill":  # the KV is complete on the prefill worker now
             st.prefill_done = self.clock.now
             dec = st.decode_task
-            if dec is not None and dec.task_id:
-                dw = self._worker(st.decode, "decode")
-                dw.input_ready(dec.task_id)
+            if dec is not None and dec.task_id and st.decode_worker:
+                self._worker(st.decode_worker, "decode").input_ready(dec.task_id)
 
         def seen() -> None:
             self.book.finish(task.task_id, stage)
@@ -481,11 +508,8 @@ class Simulator:
                     self._finish(st, st.first_s, 1)
         self._later(seen)
 
-    def tokens(self, task: Task, worker: str, n: int) -> None:
-        pass
-
     def done(self, task: Task, worker: str, tokens: int, share_s: float) -> None:
-        rid, stage = self._tasks[task.task_id]
+        rid, stage, _ = self._tasks[task.task_id]
         st = self._reqs[rid]
 
         def seen() -> None:

@@ -16,7 +16,8 @@ profile's latency on a simulated device.
   step; requests join and leave between steps.
 
 Workers report to a `Listener` (the simulated scheduler) with the same events the live ones
-put on their tasks: running, ready (with the call's compute time), tokens, done.
+put on their tasks: running, ready (with the call's compute time), done (with the request's
+share of its decode steps).
 """
 from __future__ import annotations
 
@@ -131,7 +132,6 @@ class Task:
 class Listener(Protocol):
     def running(self, task: Task, worker: str) -> None: ...
     def ready(self, task: Task, worker: str, compute_s: float) -> None: ...
-    def tokens(self, task: Task, worker: str, n: int) -> None: ...
     def done(self, task: Task, worker: str, tokens: int, share_s: float) -> None: ...
     def input_ready_at(self, task: Task) -> float | None: ...
 
@@ -169,6 +169,10 @@ class _Base:
     queue: StageQueue = field(default_factory=StageQueue)
     busy: bool = False
     batch_sizes: list[int] = field(default_factory=list)
+    peers: list | None = None
+    """With a shared stage queue: every worker reading it (this one included), in start order."""
+    stopped: bool = False
+    """Takes nothing from its queue (not registered yet, or draining from a shared queue)."""
 
     def put(self, task: Task) -> None:
         """The task reaches this worker's queue (after the queue hop)."""
@@ -176,7 +180,8 @@ class _Base:
 
     def _arrive(self, task: Task) -> None:
         self.queue.put(task)
-        self.kick()
+        for w in self.peers or (self,):
+            w.kick()
 
     def kick(self) -> None:
         raise NotImplementedError
@@ -199,7 +204,7 @@ class EncodeWorker(_Base):
     max_batch_tokens: int = 4096
 
     def kick(self) -> None:
-        if self.busy or not len(self.queue):
+        if self.busy or self.stopped or not len(self.queue):
             return
         self.busy = True
         batch = self._take(self.max_batch_tokens, False, lambda t: t.media_tokens)
@@ -221,7 +226,7 @@ class PrefillWorker(_Base):
     max_batch_tokens: int = 2048
 
     def kick(self) -> None:
-        if self.busy or not len(self.queue):
+        if self.busy or self.stopped or not len(self.queue):
             return
         self.busy = True
         batch = self._take(self.max_batch_tokens, True, lambda t: t.prompt_tokens)
@@ -266,7 +271,7 @@ class DecodeWorker(_Base):
         return len(self._active)
 
     def kick(self) -> None:
-        while self._held < self.slots and len(self.queue):
+        while self._held < self.slots and len(self.queue) and not self.stopped:
             task = self.queue.pop()
             self._held += 1
             self.listener.running(task, self.name)
@@ -315,7 +320,6 @@ class DecodeWorker(_Base):
         for seq in seqs:
             seq.generated += 1
             seq.share_s += share
-            self.listener.tokens(seq.task, self.name, 1)
             if seq.generated >= seq.task.new_tokens:
                 del self._active[seq.task.task_id]
                 self._held -= 1
