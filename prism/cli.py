@@ -188,6 +188,11 @@ def profile(
     decode_context: int = typer.Option(128, "--decode-context", help="Tokens in each decode slot while decode is timed."),
     repeats: int = typer.Option(3, "--repeats", help="Timed runs per measurement (the median is kept)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs before each measurement."),
+    sim_out: Path = typer.Option(None, "--sim-out", help="Also write a simulator profile (prism simulate --profile) "
+                                 "of this model: stage latencies by batch and tokens, measured here."),
+    sim_threads: int = typer.Option(1, "--sim-threads", help="torch threads per stage worker for the simulator profile."),
+    sim_shared_cores: int = typer.Option(0, "--sim-shared-cores", help="Cores the stage processes share (0: each "
+                                         "worker its own device, e.g. one GPU each)."),
 ) -> None:
     """Measure stage costs and per-reduction accuracy for deadline-driven modality selection;
     write the profile file and print a summary."""
@@ -215,12 +220,23 @@ def profile(
     except ValueError as exc:
         raise typer.BadParameter(str(exc))
     try:
+        from prism.profiling.engines import Engines
+
+        engines = Engines(model, dtype=dtype, device=device)
         result = build_profile(model, eval_path=eval_file, accuracy_file=accuracy_file, allow=allow,
-                               settings=settings, max_new_tokens=max_new_tokens or None, dtype=dtype, device=device)
+                               settings=settings, max_new_tokens=max_new_tokens or None, dtype=dtype, device=device,
+                               engines=engines)
     except EvalError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     path = save(result, out or model / "prism-profile.json")
+    if sim_out is not None:
+        from prism.profiling.sim import measure_sim_profile
+        from prism.sim.profile import save as save_sim
+
+        sim = measure_sim_profile(engines, settings=settings, threads=sim_threads,
+                                  shared_cores=sim_shared_cores or None)
+        typer.echo(f"wrote {save_sim(sim, sim_out)}")
     console = Console()
     for table in summary_tables(result):
         console.print(table)

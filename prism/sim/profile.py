@@ -32,7 +32,8 @@ latency of an instance spanning that many devices with tensor parallelism (``"1"
 ``media.tokens_per_image``: the encoder's tokens for one image; ``prompt_tokens_per_image``: the
 tokens that image adds to the LLM prompt (0 for a cross-attention model). ``overheads_ms``: a
 task's hop through its stage queue (``queue``), a worker's event to the scheduler (``event``),
-client to scheduler and back (``client``, half each way), and the transfers between separate
+client to scheduler and back (``client``, half each way), the scheduler's processing of each
+image before admission (``intake_per_image``), and the transfers between separate
 instances per token (embeddings to prefill, KV to decode). ``hardware.shared_cores``: when set,
 every instance's device is a worker process on one machine with that many cores, and calls
 running at once share them (processor sharing).
@@ -55,7 +56,7 @@ __all__ = ["KIND", "STAGES", "VERSION", "SimProfile", "SimProfileError", "StageT
 VERSION = 1
 KIND = "prism-sim-profile"
 STAGES = ("encode", "prefill", "decode")
-OVERHEADS = ("queue", "event", "client", "embed_per_token", "kv_per_token")
+OVERHEADS = ("queue", "event", "client", "intake_per_image", "embed_per_token", "kv_per_token")
 
 
 class SimProfileError(ValueError):

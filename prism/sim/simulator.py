@@ -379,8 +379,9 @@ class Simulator:
             raise ValueError("request ids must be unique")
         self._expected = len(requests)
         half = self.profile.overhead_s("client") / 2
+        intake = self.profile.overhead_s("intake_per_image")
         for r in requests:
-            self.clock.at(r.arrival_s + half, lambda r=r: self._arrive(r))
+            self.clock.at(r.arrival_s + half + intake * r.num_images, lambda r=r: self._arrive(r))
         self.clock.after(self.config.refresh_s, self._periodic)
         if self.config.autoscale is not None:
             self._note_replicas()
