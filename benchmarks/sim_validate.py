@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--loads", default="0.25,0.5,1.0", help="requests per second, comma list")
     ap.add_argument("--requests", type=int, default=60, help="requests per load")
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--isolated", type=int, default=6, help="requests sent one at a time first (calibration view)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per stage process")
     ap.add_argument("--profile-path", type=Path, default=ROOT / ".bench" / "sim" / "llava-small.json")
     ap.add_argument("--reprofile", action="store_true")
@@ -100,7 +101,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.quick:
-        args.loads, args.requests = "0.5", 12
+        args.loads, args.requests, args.isolated = "0.5", 12, 3
     GATE.max_wait_s = args.quiet_wait
     started = time.time()
     ensure_model(args.model_dir)
@@ -133,17 +134,37 @@ def main() -> None:
         seq = sequences(args, limits)
         warm = at_rate(seq[:6], 1.0)
         replay(dep.address, warm, workload=workload)  # warm-up, not measured
+        # isolated requests (3 s apart): the fixed per-request part of the error, without queueing
+        iso = [replace(r, arrival_s=3.0 * k) for k, r in enumerate(seq[:args.isolated])]
+        GATE.wait()
+        iso_live = summarize(replay(dep.address, iso, workload=workload), duration_s=3.0 * len(iso), **slo)
+        iso_sim = summarize_result(simulate(sim_requests(iso, profile), config, profile), duration_s=3.0 * len(iso),
+                                   **slo)
+        report["isolated"] = {"live": brief(iso_live), "sim": brief(iso_sim),
+                              "rel_error": {"ttft_p50": rel(iso_sim["ttft_ms"]["p50"], iso_live["ttft_ms"]["p50"]),
+                                            "tpot_p50": rel(iso_sim["tpot_ms"]["p50"], iso_live["tpot_ms"]["p50"])}}
+        say(f"isolated: live ttft p50 {iso_live['ttft_ms']['p50']} ms, sim {iso_sim['ttft_ms']['p50']} ms; "
+            f"tpot live {iso_live['tpot_ms']['p50']} sim {iso_sim['tpot_ms']['p50']}")
         for load in loads:
             reqs = at_rate(seq, load)
             span = reqs[-1].arrival_s or 1.0
             busy = GATE.wait()
             say(f"load {load}/s: live replay of {len(reqs)} requests over {span:.0f} s (cpu busy before {busy:.0%})")
-            live = summarize(replay(dep.address, reqs, workload=workload), duration_s=span, **slo)
-            sim = summarize_result(simulate(sim_requests(reqs, profile), config, profile), duration_s=span, **slo)
+            live_recs = replay(dep.address, reqs, workload=workload)
+            sim_res = simulate(sim_requests(reqs, profile), config, profile)
+            live = summarize(live_recs, duration_s=span, **slo)
+            sim = summarize_result(sim_res, duration_s=span, **slo)
+            sim_by = {rec.arrival_s: rec for rec in sim_res.records}
+            pairs = [{"k": k, "at_s": round(r.arrival_s, 3), "images": r.num_images, "prompt": r.context_tokens,
+                      "new": r.generated_tokens, "live_ttft_ms": None if lr.ttft_ms is None else round(lr.ttft_ms, 1),
+                      "sim_ttft_ms": None if r.arrival_s not in sim_by or sim_by[r.arrival_s].ttft_ms is None
+                      else round(sim_by[r.arrival_s].ttft_ms, 1)}
+                     for k, (r, lr) in enumerate(zip(reqs, live_recs))]
             row = {"live": brief(live), "sim": brief(sim), "cpu_busy_before": round(busy, 3),
                    "rel_error": {"ttft_p50": rel(sim["ttft_ms"]["p50"], live["ttft_ms"]["p50"]),
                                  "ttft_p99": rel(sim["ttft_ms"]["p99"], live["ttft_ms"]["p99"])}}
             row["within_target"] = all(v is not None and abs(v) <= 0.15 for v in row["rel_error"].values())
+            row["per_request"] = pairs
             report["loads"][str(load)] = row
             say(f"  live ttft p50 {row['live']['ttft_p50_ms']} p99 {row['live']['ttft_p99_ms']} ms; sim p50 "
                 f"{row['sim']['ttft_p50_ms']} p99 {row['sim']['ttft_p99_ms']} ms; errors {row['rel_error']}")
