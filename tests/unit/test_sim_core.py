@@ -221,3 +221,28 @@ def test_cluster_shapes():
         parse_cluster("encode@x")
     with pytest.raises(ValueError, match="unknown stage"):
         parse_cluster("vision@tp1x2")
+
+
+def test_prism_simulate_prints_bench_statistics(tmp_path):
+    from typer.testing import CliRunner
+
+    from prism.cli import app
+
+    trace = tmp_path / "t.csv"
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens,NumImages"]
+    rows += [f"{k * 0.5},{100 + 10 * k},{4 + k % 3},{k % 3}" for k in range(12)]
+    trace.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "s.json"
+    args = ["simulate", "--profile", "modserve-a100-internvl-26b", "--trace", str(trace), "--cluster",
+            "all@tp4x2", "--placement", "colocated", "--duration", "10", "--out", str(out)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    report = json.loads(out.read_text())
+    assert report["requests"] == 12 and report["counts"] == {"OK": 12}
+    assert report["config"]["gpus"] == 8
+    assert report["sim"]["placements"] == {"split": 0, "colocated": 12}
+    assert {"ttft_ms", "tpot_ms", "goodput_rps", "slo_attainment"} <= set(report)
+    again = CliRunner().invoke(app, args)
+    assert json.loads(out.read_text()) == report  # deterministic
+    bad = CliRunner().invoke(app, [*args[:6], "vision@tp1x2"])
+    assert bad.exit_code != 0 and "unknown stage" in bad.output
