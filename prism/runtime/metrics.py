@@ -52,6 +52,13 @@ API_REQUESTS = Counter("prism_api_requests", "Front-door calls by API key name (
                        ["key", "code"], registry=REGISTRY)
 SLO_ATTAINMENT = Gauge("prism_slo_attainment", "Fraction of recent requests meeting their targets, by stage",
                        ["stage"], registry=REGISTRY)
+ADAPT_SOLVES = Counter("prism_adapt_solves", "Adaptation re-solves, by outcome (changed, kept, failed)", ["outcome"],
+                       registry=REGISTRY)
+ADAPT_FORECAST = Gauge("prism_adapt_forecast_rps", "Arrival rate forecast at the last adaptation re-solve",
+                       registry=REGISTRY)
+ADAPT_WORKERS = Gauge("prism_adapt_workers", "The applied configuration per stage and variant: replicas, cores, "
+                      "max_batch, share_rps", ["stage", "variant", "kind"], registry=REGISTRY)
+ADAPT_CORES = Gauge("prism_adapt_cores", "Cores allocated by the applied adaptation configuration", registry=REGISTRY)
 
 
 def observe_task(stage: str, instance: str, queued_s: float, work_s: float, tokens: int = 0) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14prism/v1/admin.proto\x12\x08prism.v1\"\x12\n\x10GetStatusRequest\"\x83\x02\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06stages\x18\x03 \x03(\t\x12\x0c\n\x04live\x18\x04 \x01(\x08\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x41\n\x0epending_tokens\x18\x06 \x03(\x0b\x32).prism.v1.WorkerStatus.PendingTokensEntry\x12\x14\n\x0c\x64\x65\x63ode_slots\x18\x07 \x01(\x05\x12\x15\n\rdecode_active\x18\x08 \x01(\x05\x1a\x34\n\x12PendingTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xf5\x01\n\x0bStageStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x03 \x01(\x03\x12\x19\n\x11load_tokens_per_s\x18\x04 \x01(\x01\x12\x1d\n\x15\x63\x61pacity_tokens_per_s\x18\x05 \x01(\x01\x12\x18\n\x10\x64\x65sired_replicas\x18\x06 \x01(\x05\x12\x17\n\x0f\x61\x63tual_replicas\x18\x07 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x08 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\t \x01(\x05\x12\x16\n\x0eslo_attainment\x18\n \x01(\x01\"\xae\x02\n\x11GetStatusResponse\x12%\n\x06stages\x18\x01 \x03(\x0b\x32\x15.prism.v1.StageStatus\x12\'\n\x07workers\x18\x02 \x03(\x0b\x32\x16.prism.v1.WorkerStatus\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12?\n\nplacements\x18\x04 \x03(\x0b\x32+.prism.v1.GetStatusResponse.PlacementsEntry\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x05 \x01(\x03\x12,\n\tselection\x18\x06 \x01(\x0b\x32\x19.prism.v1.SelectionStatus\x1a\x31\n\x0fPlacementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xb8\x01\n\x0fSelectionStatus\x12\x11\n\tdecisions\x18\x01 \x01(\x03\x12\x17\n\x0f\x64\x65\x63ision_p50_ms\x18\x02 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ision_p99_ms\x18\x03 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ision_max_ms\x18\x04 \x01(\x01\x12\x0e\n\x06\x66itted\x18\x05 \x01(\x03\x12\x0f\n\x07refused\x18\x06 \x01(\x03\x12\x12\n\nreassigned\x18\x07 \x01(\x03\x12\x12\n\nlost_races\x18\x08 \x01(\x03\"$\n\x13ListRequestsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xf1\x01\n\x0fInFlightRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x11\n\tplacement\x18\x03 \x01(\t\x12;\n\tinstances\x18\x04 \x03(\x0b\x32(.prism.v1.InFlightRequest.InstancesEntry\x12\x0e\n\x06\x61ge_ms\x18\x05 \x01(\x01\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x07 \x01(\x05\x1a\x30\n\x0eInstancesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x14ListRequestsResponse\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.prism.v1.InFlightRequest\"\"\n\x12\x44rainWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"*\n\x13\x44rainWorkerResponse\x12\x13\n\x0bmoved_tasks\x18\x01 \x01(\x05\x32\xf8\x01\n\x15SchedulerAdminService\x12\x44\n\tGetStatus\x12\x1a.prism.v1.GetStatusRequest\x1a\x1b.prism.v1.GetStatusResponse\x12M\n\x0cListRequests\x12\x1d.prism.v1.ListRequestsRequest\x1a\x1e.prism.v1.ListRequestsResponse\x12J\n\x0b\x44rainWorker\x12\x1c.prism.v1.DrainWorkerRequest\x1a\x1d.prism.v1.DrainWorkerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14prism/v1/admin.proto\x12\x08prism.v1\"\x12\n\x10GetStatusRequest\"\x83\x02\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06stages\x18\x03 \x03(\t\x12\x0c\n\x04live\x18\x04 \x01(\x08\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x41\n\x0epending_tokens\x18\x06 \x03(\x0b\x32).prism.v1.WorkerStatus.PendingTokensEntry\x12\x14\n\x0c\x64\x65\x63ode_slots\x18\x07 \x01(\x05\x12\x15\n\rdecode_active\x18\x08 \x01(\x05\x1a\x34\n\x12PendingTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xf5\x01\n\x0bStageStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x03 \x01(\x03\x12\x19\n\x11load_tokens_per_s\x18\x04 \x01(\x01\x12\x1d\n\x15\x63\x61pacity_tokens_per_s\x18\x05 \x01(\x01\x12\x18\n\x10\x64\x65sired_replicas\x18\x06 \x01(\x05\x12\x17\n\x0f\x61\x63tual_replicas\x18\x07 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x08 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\t \x01(\x05\x12\x16\n\x0eslo_attainment\x18\n \x01(\x01\"\xde\x02\n\x11GetStatusResponse\x12%\n\x06stages\x18\x01 \x03(\x0b\x32\x15.prism.v1.StageStatus\x12\'\n\x07workers\x18\x02 \x03(\x0b\x32\x16.prism.v1.WorkerStatus\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12?\n\nplacements\x18\x04 \x03(\x0b\x32+.prism.v1.GetStatusResponse.PlacementsEntry\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x05 \x01(\x03\x12,\n\tselection\x18\x06 \x01(\x0b\x32\x19.prism.v1.SelectionStatus\x12.\n\nadaptation\x18\x07 \x01(\x0b\x32\x1a.prism.v1.AdaptationStatus\x1a\x31\n\x0fPlacementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"w\n\x0e\x41\x64\x61ptedWorkers\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\r\n\x05\x63ores\x18\x04 \x01(\x05\x12\x11\n\tmax_batch\x18\x05 \x01(\x05\x12\x11\n\tshare_rps\x18\x06 \x01(\x01\"\x88\x02\n\x10\x41\x64\x61ptationStatus\x12\x0e\n\x06solves\x18\x01 \x01(\x03\x12\x0f\n\x07\x63hanges\x18\x02 \x01(\x03\x12\x14\n\x0c\x66orecast_rps\x18\x03 \x01(\x01\x12\x13\n\x0blast_reason\x18\x04 \x01(\t\x12)\n\x07workers\x18\x05 \x03(\x0b\x32\x18.prism.v1.AdaptedWorkers\x12\x19\n\x11\x65xpected_accuracy\x18\x06 \x01(\x01\x12\x12\n\ncost_cores\x18\x07 \x01(\x05\x12\x12\n\nlatency_ms\x18\x08 \x01(\x01\x12\x14\n\x0c\x63ore_seconds\x18\t \x01(\x01\x12\x0e\n\x06\x65rrors\x18\n \x01(\x03\x12\x14\n\x0clast_actions\x18\x0b \x03(\t\"\xb8\x01\n\x0fSelectionStatus\x12\x11\n\tdecisions\x18\x01 \x01(\x03\x12\x17\n\x0f\x64\x65\x63ision_p50_ms\x18\x02 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ision_p99_ms\x18\x03 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ision_max_ms\x18\x04 \x01(\x01\x12\x0e\n\x06\x66itted\x18\x05 \x01(\x03\x12\x0f\n\x07refused\x18\x06 \x01(\x03\x12\x12\n\nreassigned\x18\x07 \x01(\x03\x12\x12\n\nlost_races\x18\x08 \x01(\x03\"$\n\x13ListRequestsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xf1\x01\n\x0fInFlightRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x11\n\tplacement\x18\x03 \x01(\t\x12;\n\tinstances\x18\x04 \x03(\x0b\x32(.prism.v1.InFlightRequest.InstancesEntry\x12\x0e\n\x06\x61ge_ms\x18\x05 \x01(\x01\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x07 \x01(\x05\x1a\x30\n\x0eInstancesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x14ListRequestsResponse\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.prism.v1.InFlightRequest\"\"\n\x12\x44rainWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"*\n\x13\x44rainWorkerResponse\x12\x13\n\x0bmoved_tasks\x18\x01 \x01(\x05\x32\xf8\x01\n\x15SchedulerAdminService\x12\x44\n\tGetStatus\x12\x1a.prism.v1.GetStatusRequest\x1a\x1b.prism.v1.GetStatusResponse\x12M\n\x0cListRequests\x12\x1d.prism.v1.ListRequestsRequest\x1a\x1e.prism.v1.ListRequestsResponse\x12J\n\x0b\x44rainWorker\x12\x1c.prism.v1.DrainWorkerRequest\x1a\x1d.prism.v1.DrainWorkerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,23 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGESTATUS']._serialized_start=317
   _globals['_STAGESTATUS']._serialized_end=562
   _globals['_GETSTATUSRESPONSE']._serialized_start=565
-  _globals['_GETSTATUSRESPONSE']._serialized_end=867
-  _globals['_GETSTATUSRESPONSE_PLACEMENTSENTRY']._serialized_start=818
-  _globals['_GETSTATUSRESPONSE_PLACEMENTSENTRY']._serialized_end=867
-  _globals['_SELECTIONSTATUS']._serialized_start=870
-  _globals['_SELECTIONSTATUS']._serialized_end=1054
-  _globals['_LISTREQUESTSREQUEST']._serialized_start=1056
-  _globals['_LISTREQUESTSREQUEST']._serialized_end=1092
-  _globals['_INFLIGHTREQUEST']._serialized_start=1095
-  _globals['_INFLIGHTREQUEST']._serialized_end=1336
-  _globals['_INFLIGHTREQUEST_INSTANCESENTRY']._serialized_start=1288
-  _globals['_INFLIGHTREQUEST_INSTANCESENTRY']._serialized_end=1336
-  _globals['_LISTREQUESTSRESPONSE']._serialized_start=1338
-  _globals['_LISTREQUESTSRESPONSE']._serialized_end=1405
-  _globals['_DRAINWORKERREQUEST']._serialized_start=1407
-  _globals['_DRAINWORKERREQUEST']._serialized_end=1441
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=1443
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=1485
-  _globals['_SCHEDULERADMINSERVICE']._serialized_start=1488
-  _globals['_SCHEDULERADMINSERVICE']._serialized_end=1736
+  _globals['_GETSTATUSRESPONSE']._serialized_end=915
+  _globals['_GETSTATUSRESPONSE_PLACEMENTSENTRY']._serialized_start=866
+  _globals['_GETSTATUSRESPONSE_PLACEMENTSENTRY']._serialized_end=915
+  _globals['_ADAPTEDWORKERS']._serialized_start=917
+  _globals['_ADAPTEDWORKERS']._serialized_end=1036
+  _globals['_ADAPTATIONSTATUS']._serialized_start=1039
+  _globals['_ADAPTATIONSTATUS']._serialized_end=1303
+  _globals['_SELECTIONSTATUS']._serialized_start=1306
+  _globals['_SELECTIONSTATUS']._serialized_end=1490
+  _globals['_LISTREQUESTSREQUEST']._serialized_start=1492
+  _globals['_LISTREQUESTSREQUEST']._serialized_end=1528
+  _globals['_INFLIGHTREQUEST']._serialized_start=1531
+  _globals['_INFLIGHTREQUEST']._serialized_end=1772
+  _globals['_INFLIGHTREQUEST_INSTANCESENTRY']._serialized_start=1724
+  _globals['_INFLIGHTREQUEST_INSTANCESENTRY']._serialized_end=1772
+  _globals['_LISTREQUESTSRESPONSE']._serialized_start=1774
+  _globals['_LISTREQUESTSRESPONSE']._serialized_end=1841
+  _globals['_DRAINWORKERREQUEST']._serialized_start=1843
+  _globals['_DRAINWORKERREQUEST']._serialized_end=1877
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=1879
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=1921
+  _globals['_SCHEDULERADMINSERVICE']._serialized_start=1924
+  _globals['_SCHEDULERADMINSERVICE']._serialized_end=2172
 # @@protoc_insertion_point(module_scope)

@@ -62,7 +62,7 @@ class StageStatus(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., queued: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., load_tokens_per_s: _Optional[float] = ..., capacity_tokens_per_s: _Optional[float] = ..., desired_replicas: _Optional[int] = ..., actual_replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., slo_attainment: _Optional[float] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("stages", "workers", "in_flight", "placements", "dead_letters", "selection")
+    __slots__ = ("stages", "workers", "in_flight", "placements", "dead_letters", "selection", "adaptation")
     class PlacementsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,13 +76,57 @@ class GetStatusResponse(_message.Message):
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTATION_FIELD_NUMBER: _ClassVar[int]
     stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     in_flight: int
     placements: _containers.ScalarMap[str, int]
     dead_letters: int
     selection: SelectionStatus
-    def __init__(self, stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., in_flight: _Optional[int] = ..., placements: _Optional[_Mapping[str, int]] = ..., dead_letters: _Optional[int] = ..., selection: _Optional[_Union[SelectionStatus, _Mapping]] = ...) -> None: ...
+    adaptation: AdaptationStatus
+    def __init__(self, stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., in_flight: _Optional[int] = ..., placements: _Optional[_Mapping[str, int]] = ..., dead_letters: _Optional[int] = ..., selection: _Optional[_Union[SelectionStatus, _Mapping]] = ..., adaptation: _Optional[_Union[AdaptationStatus, _Mapping]] = ...) -> None: ...
+
+class AdaptedWorkers(_message.Message):
+    __slots__ = ("stage", "variant", "replicas", "cores", "max_batch", "share_rps")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    CORES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SHARE_RPS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    variant: str
+    replicas: int
+    cores: int
+    max_batch: int
+    share_rps: float
+    def __init__(self, stage: _Optional[str] = ..., variant: _Optional[str] = ..., replicas: _Optional[int] = ..., cores: _Optional[int] = ..., max_batch: _Optional[int] = ..., share_rps: _Optional[float] = ...) -> None: ...
+
+class AdaptationStatus(_message.Message):
+    __slots__ = ("solves", "changes", "forecast_rps", "last_reason", "workers", "expected_accuracy", "cost_cores", "latency_ms", "core_seconds", "errors", "last_actions")
+    SOLVES_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_RPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_REASON_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    COST_CORES_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    CORE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    solves: int
+    changes: int
+    forecast_rps: float
+    last_reason: str
+    workers: _containers.RepeatedCompositeFieldContainer[AdaptedWorkers]
+    expected_accuracy: float
+    cost_cores: int
+    latency_ms: float
+    core_seconds: float
+    errors: int
+    last_actions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, solves: _Optional[int] = ..., changes: _Optional[int] = ..., forecast_rps: _Optional[float] = ..., last_reason: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[AdaptedWorkers, _Mapping]]] = ..., expected_accuracy: _Optional[float] = ..., cost_cores: _Optional[int] = ..., latency_ms: _Optional[float] = ..., core_seconds: _Optional[float] = ..., errors: _Optional[int] = ..., last_actions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SelectionStatus(_message.Message):
     __slots__ = ("decisions", "decision_p50_ms", "decision_p99_ms", "decision_max_ms", "fitted", "refused", "reassigned", "lost_races")

@@ -93,9 +93,10 @@ class Scaling:
 
 
 class AdminServicer(admin_pb2_grpc.SchedulerAdminServiceServicer):
-    def __init__(self, cluster: Cluster, pipeline: Pipeline, scaling: Scaling, selector=None):
+    def __init__(self, cluster: Cluster, pipeline: Pipeline, scaling: Scaling, selector=None, adaptation=None):
         self.cluster, self.pipeline, self.scaling = cluster, pipeline, scaling
         self.selector = selector
+        self.adaptation = adaptation  # services.scheduler.adapting.AdaptationLoop, or None
 
     async def GetStatus(self, request, context: grpc.aio.ServicerContext) -> admin_pb2.GetStatusResponse:
         book = self.cluster.book
@@ -129,6 +130,8 @@ class AdminServicer(admin_pb2_grpc.SchedulerAdminServiceServicer):
         out.dead_letters = dead
         if self.selector is not None and self.selector.enabled:
             out.selection.CopyFrom(selection_status(self.selector.stats))
+        if self.adaptation is not None:
+            out.adaptation.CopyFrom(adaptation_status(self.adaptation))
         return out
 
     async def ListRequests(self, request, context: grpc.aio.ServicerContext) -> admin_pb2.ListRequestsResponse:
@@ -166,3 +169,16 @@ def selection_status(stats) -> admin_pb2.SelectionStatus:
     return admin_pb2.SelectionStatus(decisions=stats.decisions, decision_p50_ms=q(0.5), decision_p99_ms=q(0.99),
                                      decision_max_ms=times[-1] * 1000 if times else 0.0, fitted=stats.fitted,
                                      refused=stats.refused, reassigned=stats.reassigned, lost_races=stats.lost_races)
+
+
+def adaptation_status(loop) -> admin_pb2.AdaptationStatus:
+    """The adaptation loop's state and the configuration it applied last."""
+    st, cfg = loop.state, loop.applied
+    out = admin_pb2.AdaptationStatus(solves=st.solves, changes=st.changes, forecast_rps=st.forecast_rps,
+                                     last_reason=st.last_reason, core_seconds=loop.core_seconds(), errors=st.errors,
+                                     last_actions=st.last_actions)
+    for row in loop.workers():
+        out.workers.append(admin_pb2.AdaptedWorkers(**row))
+    if cfg is not None:
+        out.expected_accuracy, out.cost_cores, out.latency_ms = cfg.expected_accuracy, cfg.cost_cores, cfg.latency_ms
+    return out

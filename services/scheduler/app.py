@@ -13,6 +13,7 @@ from prism.runtime.backend import Backend
 from prism.runtime.stagework import StageApp
 from prism.runtime.telemetry import inject_trace_context
 from prism.v1 import admin_pb2_grpc, prism_pb2_grpc
+from services.scheduler.adapting import AdaptationLoop
 from services.scheduler.admin import AdminServicer, Scaling
 from services.scheduler.auth import ApiKeyInterceptor
 from services.scheduler.cluster import Cluster
@@ -47,9 +48,13 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
     admission = Admission(Limits(queue_tokens=policy.queue_tokens, max_inflight=policy.max_inflight), placement)
     scaling = Scaling(cluster, policy)
 
+    adaptation = None  # set below when --adapt
+
     def on_admit(cost) -> None:
         for stage in cost.stages:
             scaling.rates.arrived(stage, cost.cost(stage))
+        if adaptation is not None:
+            adaptation.arrived()
 
     def on_finish(adm, progress, final) -> None:
         t = final.timing
@@ -75,7 +80,11 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
                              selection_flow=config.selection_flow(), variants=variants, mix=mix)
     applier = ConfigApplier(cluster, mix, inflight=lambda: [p.adm.variant for p in pipeline.inflight.values()
                                                              if p.adm is not None])
-    admin = AdminServicer(cluster, pipeline, scaling, servicer.selector)
+    if config.adapt.adapt:
+        served = {"pipeline": [name for name, _, _ in variant_list]} if variant_list else {}
+        adaptation = AdaptationLoop(config.adapt.adapter(), applier, tick_s=min(1.0, config.adapt.adapt_period_s),
+                                    served=served)
+    admin = AdminServicer(cluster, pipeline, scaling, servicer.selector, adaptation)
 
     def register(server: grpc.aio.Server) -> None:
         prism_pb2_grpc.add_PrismServiceServicer_to_server(servicer, server)
@@ -89,6 +98,8 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
         loops.append(asyncio.create_task(servicer.keep_leases(min(1.0, config.request_lease_s / 3))))
         if servicer.selector.enabled:
             loops.append(asyncio.create_task(servicer.selector.run()))
+        if adaptation is not None:
+            loops.append(asyncio.create_task(adaptation.run()))
         await asyncio.gather(*loops, return_exceptions=True)
 
     async def on_stop() -> None:
@@ -109,4 +120,5 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
     interceptors = (ApiKeyInterceptor(ring),) if ring.enabled else ()
     return StageApp(SERVICE_NAMES[0], register, None, run, on_stop,
                     {"servicer": servicer, "pipeline": pipeline, "cluster": cluster, "admin": admin, "applier": applier,
+                     "adaptation": adaptation,
                      "scaling": scaling, "backend": backend}, SERVICE_NAMES[1:], interceptors)

@@ -65,6 +65,90 @@ class Policy:
                                   ("decode", self.decode_queue_tokens)) if n}
 
 
+ADAPT_MODES = ("variants", "pipeline")
+
+
+@dataclass(frozen=True)
+class AdaptOptions:
+    """The adaptation loop (issue 7): every `adapt_period_s` the arrival-rate forecast is handed to
+    the adaptation core's `Adapter`, and a better configuration (variants, their cores, batch
+    bounds, replicas and traffic shares) is applied in place by the `ConfigApplier`."""
+
+    adapt: bool = field(default=False, metadata={"help": "run the adaptation loop (needs --adapt-profile and --adapt-slo-ms)"})
+    adapt_profile: str = field(default="", metadata={
+        "help": 'variants file {"variants": [{name, stage, accuracy, table: {cores: {batch: ms}}}]}: each variant\'s '
+                "profiled latency; names are the served variants' (stage \"pipeline\": a whole-pipeline variant)"})
+    adapt_mode: str = field(default="variants", metadata={
+        "help": "variants: one stage (or the whole pipeline) served by a mix of variants (InfAdapter); "
+                "pipeline: per stage a variant, batch, cores and replicas (IPA)"})
+    adapt_slo_ms: float = field(default=0.0, metadata={"help": "end-to-end latency objective the configuration must meet"})
+    adapt_period_s: float = field(default=10.0, metadata={"help": "seconds between re-solves"})
+    adapt_window_s: float = field(default=5.0, metadata={"help": "forecast: arrivals are counted in windows of this many seconds"})
+    adapt_windows: int = field(default=6, metadata={"help": "forecast: the line is fitted to this many complete windows"})
+    adapt_margin: float = field(default=0.1, metadata={"help": "forecast: safety margin over the predicted rate"})
+    adapt_horizon_s: float = field(default=10.0, metadata={"help": "forecast: seconds ahead the rate is predicted for"})
+    adapt_min_gain: float = field(default=0.5, metadata={"help": "cores (objective units) a cheaper configuration must save"})
+    adapt_stable_steps: int = field(default=2, metadata={"help": "solves in a row a cheaper configuration must win before it is applied"})
+    adapt_accuracy_weight: float = field(default=10.0, metadata={"help": "cores one whole unit of accuracy is worth"})
+    adapt_cost_weight: float = field(default=1.0, metadata={"help": "weight of one core in the objective"})
+    adapt_max_replicas: int = field(default=4, metadata={"help": "most workers per (stage, variant)"})
+    adapt_batches: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={"help": "batch bounds a worker may be given"})
+    adapt_cores: tuple[int, ...] = field(default=(1, 2, 4), metadata={"help": "cores a worker may be given"})
+    adapt_total_cores: int = field(default=16, metadata={"help": "most cores of all workers together"})
+    adapt_headroom: float = field(default=0.1, metadata={"help": "capacity must exceed the forecast rate by this fraction"})
+    adapt_min_accuracy: float = field(default=0.0, metadata={"help": "the configuration's expected accuracy is at least this"})
+
+    def __post_init__(self) -> None:
+        check(self.adapt_mode in ADAPT_MODES, "adapt_mode", f"must be one of {', '.join(ADAPT_MODES)}")
+        check(not self.adapt or self.adapt_slo_ms > 0, "adapt_slo_ms", "must be > 0 with --adapt")
+        check(self.adapt_slo_ms >= 0, "adapt_slo_ms", "must be >= 0")
+        check(not self.adapt or bool(self.adapt_profile), "adapt_profile", "required with --adapt")
+        for name in ("adapt_period_s", "adapt_window_s"):
+            check(getattr(self, name) > 0, name, "must be > 0")
+        for name in ("adapt_margin", "adapt_horizon_s", "adapt_min_gain", "adapt_accuracy_weight",
+                     "adapt_cost_weight", "adapt_headroom"):
+            check(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("adapt_windows", "adapt_stable_steps", "adapt_max_replicas", "adapt_total_cores"):
+            check(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("adapt_batches", "adapt_cores"):
+            check(bool(getattr(self, name)) and min(getattr(self, name)) >= 1, name, "needs integers >= 1")
+        check(0 <= self.adapt_min_accuracy <= 1, "adapt_min_accuracy", "must be in [0, 1]")
+        if self.adapt_profile:
+            check(Path(self.adapt_profile).is_file(), "adapt_profile", f"{self.adapt_profile} is not a file")
+            try:
+                stages = self.profiles()
+            except (ValueError, KeyError, TypeError) as exc:
+                check(False, "adapt_profile", str(exc))
+            check(self.adapt_mode != "variants" or len(stages) == 1, "adapt_profile",
+                  f"mode variants adapts one stage, the file has {sorted(stages)}")
+
+    def profiles(self) -> dict:
+        """The variants file's profiles by stage ({stage: [VariantProfile]})."""
+        from services.scheduler.core.adapt import load_profile
+
+        out: dict = {}
+        for v in load_profile(self.adapt_profile):
+            out.setdefault(v.stage, []).append(v)
+        if not out:
+            raise ValueError("no variants")
+        return out
+
+    def adapter(self, clock=None):
+        """A fresh `Adapter` for these options (its forecaster, settings, bounds and weights)."""
+        import time as _time
+
+        from services.scheduler.core.adapt import Adapter, AdapterSettings, Bounds, RateForecaster, Weights
+
+        settings = AdapterSettings(slo_ms=self.adapt_slo_ms, period_s=self.adapt_period_s, horizon_s=self.adapt_horizon_s,
+                                   min_gain=self.adapt_min_gain, stable_steps=self.adapt_stable_steps, mode=self.adapt_mode)
+        bounds = Bounds(max_replicas={"*": self.adapt_max_replicas}, batches={"*": self.adapt_batches},
+                        cores={"*": self.adapt_cores}, total_cores=self.adapt_total_cores,
+                        headroom=self.adapt_headroom, min_accuracy=self.adapt_min_accuracy)
+        return Adapter(self.profiles(), settings, bounds, Weights(self.adapt_accuracy_weight, self.adapt_cost_weight),
+                       RateForecaster(self.adapt_window_s, self.adapt_windows, self.adapt_margin),
+                       clock=clock or _time.monotonic)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The front door: admission, media processing, placement and routing of stage tasks to
@@ -96,6 +180,7 @@ class SchedulerConfig:
                 "(`variant`) or take any at or above their accuracy floor. Not with shared queues"})
     request_lease_s: float = field(default=10.0, metadata={
         "help": "an accepted request whose scheduler has not renewed its lease this long is taken over by another (or a restarted) scheduler"})
+    adapt: AdaptOptions = field(default_factory=AdaptOptions, metadata={"help": "adaptation loop (variants, cores, batch, replicas)"})
 
     def __post_init__(self) -> None:
         check((Path(self.model_dir) / "config.json").is_file(), "model_dir", f"{self.model_dir} has no config.json")
@@ -108,6 +193,10 @@ class SchedulerConfig:
             check(False, "variants", str(exc))
         check(not (self.variants and self.queue.shared_queues), "variants",
               "a stage's shared queue would mix the variants' tasks: use per-worker queues")
+        if self.adapt.adapt and self.variants:
+            served = {name for name, _, _ in self.variant_list()}
+            named = {v.name for vs in self.adapt.profiles().values() for v in vs}
+            check(named <= served, "adapt_profile", f"variants {sorted(named - served)} are not served (--variants)")
         check(not self.selection_profile or Path(self.selection_profile).is_file(), "selection_profile",
               f"{self.selection_profile} is not a file")
         check(self.selection_parallelism == 0 or self.selection_parallelism >= 1, "selection_parallelism",
