@@ -36,7 +36,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -485,6 +484,9 @@ def main(argv=None) -> int:
             detail = f"{type(exc).__name__}: {exc}"
             say(f"{name}: FAILED: {detail[:400]}")
             report["engines"][name] = {"error": detail[:3000], **engine.info}
+            if isinstance(engine, OpenAIServer):  # the server's own words (e.g. vLLM's RuntimeError)
+                lines = engine.log_tail(200_000).splitlines()
+                report["engines"][name]["log_errors"] = [ln[-400:] for ln in lines if "Error" in ln][-8:]
     report["ratios"] = ratios(report["engines"])
     report["command"] = "python benchmarks/peers_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     finish_report(report, args.out, started)
@@ -492,5 +494,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "peers-bench"
     sys.exit(main())
