@@ -114,6 +114,12 @@ def up(
     max_replicas: int = typer.Option(4, "--max-replicas", help="Autoscaling: most workers per stage."),
     tls: bool = typer.Option(False, "--tls/--no-tls", help="Make a throwaway CA and certificate: mutual TLS between "
                              "the services, TLS at the front door (callers trust <log-dir>/tls/ca.pem)."),
+    variant: list[str] = typer.Option([], "--variant", help="A variant served side by side, NAME=DIR[:ACCURACY] "
+                                      "(repeatable): its own workers (--variant NAME), the scheduler's --variants."),
+    variant_dtype: list[str] = typer.Option([], "--variant-dtype", help="NAME=DTYPE of a variant (repeatable; "
+                                            "default --dtype), e.g. bf16=bfloat16 for a bf16 variant of one checkpoint."),
+    scheduler_arg: list[str] = typer.Option([], "--scheduler-arg", help="An extra scheduler argument (repeatable), "
+                                            "e.g. --scheduler-arg=--adapt --scheduler-arg=--adapt-profile=variants.json."),
 ) -> None:
     """Start Redis (unless --redis-url), the stage workers and the scheduler as processes on
     loopback; Ctrl-C stops them."""
@@ -122,10 +128,18 @@ def up(
 
     from prism.launch import Deployment, DeploymentOptions
 
-    options = DeploymentOptions(model_dir=model, dtype=dtype, device=device, threads=threads, slots=slots,
+    bad = [v for v in variant_dtype if "=" not in v]
+    if bad:
+        raise typer.BadParameter(f"expected NAME=DTYPE, got {bad[0]!r}", param_hint="--variant-dtype")
+    try:
+        options = DeploymentOptions(model_dir=model, dtype=dtype, device=device, threads=threads, slots=slots,
                                 max_len=max_len, host=host, port=port, log_dir=log_dir, redis_url=redis_url,
                                 layout=layout, placement=placement, autoscale=autoscale, min_replicas=min_replicas,
-                                max_replicas=max_replicas, tls=tls)
+                                max_replicas=max_replicas, tls=tls, variants=tuple(variant),
+                                variant_dtypes=dict(v.split("=", 1) for v in variant_dtype if "=" in v),
+                                extra_args={"scheduler": list(scheduler_arg)} if scheduler_arg else {})
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--variant") from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # explicitly: a process started in the background by a shell inherits SIGINT ignored, and

@@ -6,6 +6,13 @@ Layouts: ``split`` (one process per stage: encode, prefill, decode), ``colocated
 hosting all three stages) and ``mixed`` (both: the scheduler's adaptive placement takes the
 colocated path at low load and spreads bursts over the split workers).
 
+Variants (issue 7): `DeploymentOptions.variants` names several variants of the model served
+side by side (``NAME=DIR[:ACCURACY]``, each a whole pipeline); each gets the layout's workers,
+started with ``--variant NAME`` (and its own ``--dtype`` from `variant_dtypes`), and the scheduler
+gets ``--variants``. With the scheduler's adaptation loop on (``--adapt``), the supervisor's scale
+loop acts on the loop's replica targets per (stage, variant): it starts workers up to a target,
+and stops (SIGTERM: the worker drains, then exits; never SIGKILL) workers above it or drained.
+
 Used by `prism up`, `prism demo`, the end-to-end tests and the benchmarks.
 """
 from __future__ import annotations
@@ -70,10 +77,30 @@ class DeploymentOptions:
     #: Make a throwaway CA and certificate (in the log directory): mutual TLS between the
     #: processes, TLS at the front door (callers trust ``<log_dir>/tls/ca.pem``).
     tls: bool = False
+    #: Variants served side by side, each ``NAME=DIR[:ACCURACY]`` (the scheduler's --variants);
+    #: empty: the model of `model_dir` alone. `model_dir` stays the scheduler's default processor.
+    variants: tuple[str, ...] = ()
+    #: dtype per variant name (e.g. {"bf16": "bfloat16"}); others use `dtype`.
+    variant_dtypes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: must be one of {', '.join(LAYOUTS)}")
+        from services.scheduler.core.variants import parse_variants
+
+        try:
+            names = [name for name, _, _ in parse_variants(",".join(self.variants))] if self.variants else []
+        except ValueError as exc:
+            raise ValueError(f"variants: {exc}") from None
+        unknown = sorted(set(self.variant_dtypes) - set(names))
+        if unknown:
+            raise ValueError(f"variant_dtypes: {unknown} are not variants")
+
+    def variant_dirs(self) -> dict[str, Path]:
+        """{variant name: checkpoint directory}; empty without variants."""
+        from services.scheduler.core.variants import parse_variants
+
+        return {name: Path(d) for name, d, _ in parse_variants(",".join(self.variants))} if self.variants else {}
 
 
 class Deployment:
@@ -100,6 +127,8 @@ class Deployment:
         self.redis = None
         self.redis_url = options.redis_url
         self._seq: dict[str, int] = {}
+        #: worker name -> (stages, variant) of every worker this deployment started
+        self.started: dict[str, tuple[tuple[str, ...], str]] = {}
         self._scaler: threading.Thread | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -112,10 +141,12 @@ class Deployment:
     def endpoints(self) -> dict[str, str]:
         return self.supervisor.endpoints()
 
-    def workers(self, stages: tuple[str, ...] | None = None) -> list[str]:
-        """Names of the running worker processes (hosting exactly `stages` when given)."""
+    def workers(self, stages: tuple[str, ...] | None = None, variant: str | None = None) -> list[str]:
+        """Names of the running worker processes (hosting exactly `stages`, of `variant`, when given)."""
         return [n for n, c in self.supervisor.children.items()
-                if n != "scheduler" and c.alive() and (stages is None or n.rsplit("-", 1)[0] == "+".join(stages))]
+                if n != "scheduler" and c.alive() and n in self.started
+                and (stages is None or self.started[n][0] == tuple(stages))
+                and (variant is None or self.started[n][1] == variant)]
 
     def _queue_args(self) -> list[str]:
         o = self.options
@@ -131,14 +162,20 @@ class Deployment:
         """The Redis URL goes by the environment, not the command line: it may hold a password."""
         return {f"PRISM_{module.upper()}_REDIS_URL": self.redis_url}
 
-    def start_worker(self, stages: tuple[str, ...]) -> str:
-        """Start one worker process hosting `stages`; returns its name (also its registry name)."""
+    def start_worker(self, stages: tuple[str, ...], variant: str = "") -> str:
+        """Start one worker process hosting `stages` (of `variant`); returns its name (also its
+        registry name)."""
         o = self.options
-        kind = "+".join(stages)
+        kind = (f"{variant}." if variant else "") + "+".join(stages)
         with self._lock:
             self._seq[kind] = self._seq.get(kind, 0) + 1
             name = f"{kind}-{self._seq[kind]}"
-        model = ["--model-dir", str(o.model_dir), "--dtype", o.dtype, "--device", o.device, "--threads", str(o.threads)]
+        model_dir = o.variant_dirs()[variant] if variant else o.model_dir
+        dtype = o.variant_dtypes.get(variant, o.dtype)
+        model = ["--model-dir", str(model_dir), "--dtype", dtype, "--device", o.device, "--threads", str(o.threads)]
+        if variant:
+            model += ["--variant", variant]
+        self.started[name] = (tuple(stages), variant)
         argv = ["--host", o.host, *model, *self._queue_args(), *self._tls_args(mutual=True), "--worker-name", name]
         if len(stages) == 1:
             stage = stages[0]
@@ -165,11 +202,12 @@ class Deployment:
                 # Its own Redis, password-protected: other users of this machine cannot reach the queues.
                 self.redis = RedisProcess(self.log_dir / "redis", host=o.host, password=secrets.token_urlsafe(24)).start()
                 self.redis_url = self.redis.url
-            for stages in LAYOUTS[o.layout]:
-                self.start_worker(stages)
+            for variant in o.variant_dirs() or [""]:
+                for stages in LAYOUTS[o.layout]:
+                    self.start_worker(stages, variant)
             self.start_scheduler()
             self.wait_for_workers(len(self.workers()))
-            if o.autoscale:
+            if o.autoscale or o.variants:  # variants: the adaptation loop's replica targets
                 self._scaler = threading.Thread(target=self._scale_loop, name="autoscale", daemon=True)
                 self._scaler.start()
         except BaseException:
@@ -184,6 +222,8 @@ class Deployment:
                  *self._queue_args(), *self._tls_args(mutual=False), "--placement", o.placement, "--min-replicas", str(o.min_replicas),
                  "--max-replicas", str(o.max_replicas), "--request-lease-s", str(o.request_lease_s),
                  *self._overlap_args(), *o.extra_args.get("scheduler", [])]
+        if o.variants:
+            sched += ["--variants", ",".join(o.variants)]
         if port or o.port:
             sched += ["--port", str(port or o.port)]
         return self.supervisor.start_service("scheduler", sched, env=self._queue_env("scheduler"),
@@ -230,11 +270,45 @@ class Deployment:
                 raise TimeoutError(f"the scheduler sees {seen} of {count} workers after {timeout:.0f}s")
             time.sleep(0.1)
 
+    def scale_variants(self, status) -> dict[str, tuple[int, int]]:
+        """The adaptation loop's replica targets per (stage, variant) (`GetStatus.adaptation`):
+        start workers up to each target; stop (drain, then exit) those above it and those the
+        scheduler drained. A whole-pipeline target ("pipeline") counts each of the layout's
+        process groups. Returns {"<variant>/<stages>": (before, after)}."""
+        o = self.options
+        draining = {w.name for w in status.workers if w.draining}
+        targets: dict[tuple[tuple[str, ...], str], int] = {}
+        for row in status.adaptation.workers:
+            groups = LAYOUTS[o.layout] if row.stage == "pipeline" else ((row.stage,),)
+            for stages in groups:
+                targets[(tuple(stages), row.variant)] = row.replicas
+        for stages, variant in set(self.started.values()):  # variants left out of the configuration
+            targets.setdefault((stages, variant), 0)
+        changes = {}
+        for (stages, variant), want in sorted(targets.items()):
+            mine = self.workers(stages, variant)
+            for name in [n for n in mine if n in draining]:
+                self.supervisor.stop(name)  # drained by the scheduler: it exits once its work is done
+            active = [n for n in mine if n not in draining]
+            before = len(active)
+            while len(active) < want and not self._stopping.is_set():
+                active.append(self.start_worker(stages, variant))
+            while len(active) > want:
+                self.supervisor.stop(active.pop())  # SIGTERM: the worker drains, then exits
+            if len(active) != before:
+                changes[f"{variant}/{'+'.join(stages)}"] = (before, len(active))
+        return changes
+
     def scale_once(self) -> dict[str, tuple[int, int]]:
         """Start or stop single-stage workers so each stage has the scheduler's desired
-        replicas (within bounds). Returns {stage: (before, after)}."""
+        replicas (within bounds); with the adaptation loop's targets, those instead
+        (`scale_variants`). Returns {stage: (before, after)}."""
         o = self.options
         status = self.status()
+        if status.HasField("adaptation") and status.adaptation.changes:
+            return self.scale_variants(status)
+        if o.variants or not o.autoscale:  # a variant's workers follow the adaptation loop only
+            return {}
         changes = {}
         for st in status.stages:
             stage = st.stage

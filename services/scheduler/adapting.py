@@ -9,6 +9,8 @@ replica targets, drains).
   cores and batch, set shares, drain last) and applied; nothing in flight is dropped (see the
   applier);
 * the first configuration also drains the variants running before it that it leaves out;
+* workers that appear later (started for the configuration, or restarted) get its cores and
+  batch bound set on them at the next tick;
 * a failed application is counted and logged; the Adapter then forgets the configuration it
   adopted (the live system may be half-way), so the next re-solve applies a whole one again;
 * cost is kept as the integral of the applied configuration's cores over time (core-seconds).
@@ -50,7 +52,8 @@ class AdaptationLoop:
     def __init__(self, adapter: Adapter, applier: Applies, *, tick_s: float = 1.0,
                  clock: Callable[[], float] | None = None,
                  on_change: Callable[[PipelineConfig], None] | None = None,
-                 served: Mapping[str, Sequence[str]] | None = None):
+                 served: Mapping[str, Sequence[str]] | None = None,
+                 live: Callable[[], frozenset[str]] | None = None, ready: Callable[[], bool] | None = None):
         if not tick_s > 0:
             raise ValueError("tick_s must be > 0")
         self.adapter, self.applier, self.tick_s = adapter, applier, tick_s
@@ -59,6 +62,12 @@ class AdaptationLoop:
         #: The variants running per stage before the first configuration: those it leaves out are
         #: drained by the first change (else they would keep their share of the traffic).
         self.served = {k: list(v) for k, v in (served or {}).items()}
+        #: The live workers' names: when they change (a worker started for the configuration, or
+        #: restarted), the configuration's cores and batch bounds are set on them again.
+        self.live = live
+        #: Whether the system can be configured yet (the first solve waits for it in `run`).
+        self.ready = ready
+        self._live_at_apply: frozenset[str] | None = None
         self.state = LoopState()
         self.applied: PipelineConfig | None = None  # what the live system runs (as far as we know)
         self._since: float | None = None  # start of the current cost interval
@@ -87,14 +96,14 @@ class AdaptationLoop:
         before = self.adapter.last_solve_s
         new = self.adapter.step(now)
         if self.adapter.last_solve_s == before:  # not due yet
-            return None
+            return await self._catch_up()
         self.state.solves += 1
         self.state.forecast_rps = self.adapter.forecaster.forecast(now, self.adapter.settings.horizon_s)
         self.state.last_reason = self.adapter.last_reason
         metrics.ADAPT_FORECAST.set(self.state.forecast_rps)
         if new is None:
             metrics.ADAPT_SOLVES.labels("kept").inc()
-            return None
+            return await self._catch_up()
         actions = diff(self.applied, new)
         if self.applied is None:
             actions += [Action("stop", stage, name, 0, None) for stage, names in self.served.items()
@@ -111,6 +120,7 @@ class AdaptationLoop:
             return None
         self._account(now)
         self.applied = new
+        self._live_at_apply = self.live() if self.live is not None else None
         self.state.changes += 1
         self.state.last_actions = [str(a) for a in actions]
         metrics.ADAPT_SOLVES.labels("changed").inc()
@@ -119,6 +129,25 @@ class AdaptationLoop:
         if self.on_change is not None:
             self.on_change(new)
         return done
+
+    async def _catch_up(self) -> list[str] | None:
+        """Sets the applied configuration's cores and batch bounds again when the live workers
+        changed since it was applied (new workers start with their command line's share)."""
+        if self.applied is None or self.live is None:
+            return None
+        live = self.live()
+        if live == self._live_at_apply:
+            return None
+        self._live_at_apply = live
+        acts = [Action(kind, stage, w.variant, value) for stage in self.applied.stages
+                for w in self.applied.workers(stage) if w.replicas
+                for kind, value in (("set_cores", w.cores), ("set_batch", w.batch))]
+        try:
+            return await self.applier.apply(acts)
+        except Exception as exc:  # noqa: BLE001 - a worker still starting: try at the next tick
+            self._live_at_apply = None
+            log.warning("adaptation: setting new workers' compute failed: %s", exc)
+            return None
 
     def _export(self, config: PipelineConfig) -> None:
         from prism.runtime import metrics
@@ -138,6 +167,8 @@ class AdaptationLoop:
                 for stage in self.applied.stages for w in self.applied.workers(stage)]
 
     async def run(self) -> None:
+        while self.ready is not None and not self.ready():
+            await asyncio.sleep(self.tick_s)
         while True:
             try:
                 await self.tick()

@@ -82,8 +82,16 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
                                                              if p.adm is not None])
     if config.adapt.adapt:
         served = {"pipeline": [name for name, _, _ in variant_list]} if variant_list else {}
+        wanted = set(served.get("pipeline", ()))
+        started = asyncio.get_running_loop().time()
+
+        def ready() -> bool:  # every variant has a worker (or the start-up wait is over)
+            live = {i.variant for i in cluster.instances if not i.draining}
+            return (bool(live) and wanted <= live) or asyncio.get_running_loop().time() - started > config.worker_wait_s
+
         adaptation = AdaptationLoop(config.adapt.adapter(), applier, tick_s=min(1.0, config.adapt.adapt_period_s),
-                                    served=served)
+                                    served=served, ready=ready,
+                                    live=lambda: frozenset(i.name for i in cluster.instances if not i.draining))
     admin = AdminServicer(cluster, pipeline, scaling, servicer.selector, adaptation)
 
     def register(server: grpc.aio.Server) -> None:

@@ -115,3 +115,18 @@ def test_a_failed_application_is_counted_and_a_whole_configuration_applied_next(
     assert done[-1] == f"{STAGE}: drain and stop small"
     assert (loop.state.errors, loop.state.changes) == (1, 1)
     assert loop.core_seconds(14.0) == pytest.approx(2.0)  # cost counts from the configuration's application
+
+
+def test_workers_appearing_later_get_the_configurations_cores_and_batch():
+    clock, applier = Clock(), FakeApplier()
+    loop = make_loop(clock, applier)
+    names = {"w1"}
+    loop.live = lambda: frozenset(names)
+    feed(loop, clock, 5, 0, 2)
+    run(loop.tick())
+    clock.t = 3.0
+    assert run(loop.tick()) is None  # same workers: nothing to do
+    names.add("w2")
+    assert run(loop.tick()) == [f"{STAGE}: set cores of big to 1", f"{STAGE}: set max batch of big to 1"]
+    assert run(loop.tick()) is None
+    assert (loop.state.solves, loop.state.changes) == (1, 1)
