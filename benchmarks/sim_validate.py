@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per stage process")
     ap.add_argument("--profile-path", type=Path, default=ROOT / ".bench" / "sim" / "llava-small.json")
     ap.add_argument("--reprofile", action="store_true")
+    ap.add_argument("--effective-cores", type=int, default=0,
+                    help="cores the simulated stage processes share (0: the profile's, this machine's count)")
     ap.add_argument("--quiet-wait", type=float, default=120.0, help="seconds to wait for an idle CPU before a run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="one load (0.5/s), 12 requests")
@@ -106,6 +108,10 @@ def main() -> None:
     started = time.time()
     ensure_model(args.model_dir)
     profile = profile_for(args)
+    if args.effective_cores:
+        from dataclasses import replace as dc_replace
+
+        profile = dc_replace(profile, hardware={**profile.hardware, "shared_cores": args.effective_cores})
 
     from prism.bench.replay import probe_limits, replay
     from prism.bench.stats import summarize
