@@ -116,3 +116,44 @@ async def test_config_applied_under_load_loses_no_request_and_every_variant_serv
         # After the drain, a request pinning no variant goes to the live one.
         tokens, last = await collect(c.stub, chat("after", [], 5))
         assert last.variant == "b" and tokens == oracles["b"].chat("after", [], 5)
+
+
+async def test_the_scheduler_adaptation_loop_solves_and_applies_a_configuration(variant_dirs, oracles, redis_url,
+                                                                              tmp_path):
+    """--adapt: once both variants have a worker, the loop's first solve picks b alone (more
+    accurate at the same cost; a at rate ~0 is not worth a second core), so b's worker gets the
+    configuration's batch bound in place, a is drained, and requests go to b with b's tokens."""
+    import json
+
+    from prism.v1 import admin_pb2
+    from services.scheduler.config import AdaptOptions
+
+    profile = tmp_path / "variants.json"
+    profile.write_text(json.dumps({"variants": [
+        {"name": "a", "stage": "pipeline", "accuracy": 0.6, "table": {"1": {"1": 50, "2": 60}, "2": {"1": 25, "2": 30}}},
+        {"name": "b", "stage": "pipeline", "accuracy": 0.8, "table": {"1": {"1": 100, "2": 120}, "2": {"1": 50, "2": 60}}},
+    ]}))
+    adapt = AdaptOptions(adapt=True, adapt_profile=str(profile), adapt_slo_ms=1000.0, adapt_period_s=1.0,
+                         adapt_window_s=0.5, adapt_windows=2, adapt_stable_steps=1, adapt_max_replicas=1,
+                         adapt_batches=(1, 2), adapt_cores=(1,), adapt_total_cores=2)
+    spec = f"a={variant_dirs['a']}:0.6,b={variant_dirs['b']}:0.8"
+    async with LocalCluster(variant_dirs["a"], [], redis_url=redis_url, slots=4,
+                            scheduler_args={"variants": spec, "adapt": adapt}) as c:
+        hosts = {v: await add_variant_worker(c, variant_dirs[v], v, f"w-{v}") for v in ("a", "b")}
+        assert (await compute_of(hosts["b"])).share.max_batch == 0  # no bound of its own
+        admin, loop = c.parts["admin"], c.parts["adaptation"]
+        async with asyncio.timeout(60):
+            while not loop.state.changes:
+                await asyncio.sleep(0.1)
+        status = (await admin.GetStatus(admin_pb2.GetStatusRequest(), None)).adaptation
+        assert [(w.stage, w.variant, w.replicas, w.cores, w.max_batch) for w in status.workers] == [
+            ("pipeline", "b", 1, 1, 1)]
+        assert status.solves >= 1 and status.changes == 1 and status.errors == 0 and status.cost_cores == 1
+        assert status.last_reason == "no configuration"
+        assert list(status.last_actions)[-1] == "pipeline: drain and stop a"
+        assert (await compute_of(hosts["b"])).share.max_batch == 1  # set in place, between batches
+        assert [i.name for i in c.parts["cluster"].instances if i.draining] == ["w-a"]
+        for k in range(3):
+            tokens, last = await collect(c.stub, chat(f"adapted {k}", [], 4))
+            assert last.variant == "b" and tokens == oracles["b"].chat(f"adapted {k}", [], 4)
+        assert c.parts["pipeline"].inflight == {}
