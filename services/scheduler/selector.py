@@ -35,7 +35,6 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +43,15 @@ import grpc
 
 from prism.runtime import metrics
 from prism.v1 import common_pb2, prism_pb2
-from services.scheduler.core.selection import FULL, Flow, Job, Strategy, admit_with_selection, diagnose, reassign
+from services.scheduler.core.selection import FULL, Flow, Job, Strategy, admit_with_selection
+from services.scheduler.core.selection_jobs import (
+    Served,
+    job_of,
+    new_job,
+    offered,
+    serving_order,
+    tick_changes,
+)
 from services.scheduler.intake import Admitted
 from services.scheduler.pipeline import Pipeline, Progress, StageError
 
@@ -130,12 +137,10 @@ class Selector:
             reductions[r.id] = None if r.is_full else r
             costs.append({"reduction": r.id, "media_tokens": media,
                           "prompt_tokens": full["prompt_tokens"] - full["media_tokens"] + media})
-        strategies = {s.id: s for s in self.profile.strategies_for(costs, decode_tokens=adm.max_new_tokens)}
-        if FULL not in strategies:  # no accuracy profiled for it: the request as sent is the reference
-            strategies[FULL] = Strategy(FULL, 1.0, encode_tokens=full["media_tokens"],
-                                        prefill_tokens=full["prompt_tokens"], decode_tokens=adm.max_new_tokens)
-        options = {sid: Option(s, reductions.get(sid)) for sid, s in strategies.items()
-                   if sid == FULL or s.accuracy >= adm.accuracy_floor}
+        strategies = offered(self.profile.strategies_for(costs, decode_tokens=adm.max_new_tokens),
+                             adm.accuracy_floor, media_tokens=full["media_tokens"],
+                             prompt_tokens=full["prompt_tokens"], decode_tokens=adm.max_new_tokens)
+        options = {sid: Option(s, reductions.get(sid)) for sid, s in strategies.items()}
         return Entry(adm, options)
 
     async def served_as(self, entry: Entry, strategy_id: str) -> Admitted:
@@ -180,47 +185,39 @@ class Selector:
         return (rid in self.entries and progress.reassignable and progress.reassigned is None
                 and progress.reassignments < MAX_CHANGES)
 
+    def _begun(self, progress: Progress) -> bool:
+        return progress.encode_started or progress.encode_ms > 0 or progress.first_at is not None
+
+    def _served(self, rid: str, progress: Progress) -> Served:
+        """A request being served, as plain state (`core.selection_jobs`)."""
+        adm = progress.adm
+        entry = self.entries.get(rid)
+        return Served(rid, adm.deadline, adm.priority, adm.accuracy_floor, adm.max_new_tokens,
+                      media_tokens=sum(i.num_tokens for i in adm.prompt.items),
+                      prompt_tokens=len(adm.prompt.input_ids),
+                      current=adm.reduction.id if adm.reduction is not None else FULL,
+                      options=None if entry is None else {sid: o.strategy for sid, o in entry.options.items()},
+                      reassignable=self._reassignable(rid, progress), begun=self._begun(progress),
+                      encoded=not adm.prompt.items or progress.encode_ms > 0,
+                      prefilled=progress.first_at is not None, generated=len(progress.tokens))
+
     def jobs(self) -> list[Job]:
         """Every request being served, as a job of the program."""
-        out = []
-        for seq, (rid, progress) in enumerate(self.served.items()):
-            adm = progress.adm
-            if adm is None:
-                continue
-            current = adm.reduction.id if adm.reduction is not None else FULL
-            if self._reassignable(rid, progress):
-                entry = self.entries[rid]
-                strategies = tuple(o.strategy for o in entry.options.values())
-                if current in entry.options:
-                    out.append(Job(rid, strategies, adm.deadline, adm.accuracy_floor, True, current,
-                                   adm.priority, seq))
-                    continue
-            out.append(Job(rid, (_remaining(adm, progress),), adm.deadline, 0.0, False, FULL, adm.priority, seq))
-        return out
+        return [job_of(self._served(rid, progress), seq) for seq, (rid, progress) in enumerate(self.served.items())
+                if progress.adm is not None]
 
     def order(self, jobs: list[Job]) -> list[str]:
-        """The serving order the program assumes: requests a worker has begun first (a task a
-        worker took runs to its end: stages do not preempt), in arrival order; then the rest as
-        the stage queues serve them: priority, earliest deadline, arrival."""
-        def key(job: Job):
-            progress = self.served.get(job.request_id)
-            begun = progress is not None and (progress.encode_started or progress.encode_ms > 0
-                                              or progress.first_at is not None)
-            if begun:
-                return (0, 0, 0.0, job.seq)
-            return (1, -job.priority, job.deadline if job.deadline is not None else math.inf, job.seq)
-
-        return [j.request_id for j in sorted(jobs, key=key)]
+        """The serving order the program assumes (`serving_order`): requests a worker has begun
+        first, in arrival order; then priority, earliest deadline, arrival."""
+        begun = {rid for rid, p in self.served.items() if self._begun(p)}
+        return serving_order(jobs, begun)
 
     def _new_job(self, adm: Admitted, entry: Entry | None) -> Job:
-        seq = len(self.served)
-        if entry is None:
-            c = _full_cost(adm.prompt)
-            full = Strategy(FULL, 0.0, encode_tokens=c["media_tokens"], prefill_tokens=c["prompt_tokens"],
-                            decode_tokens=adm.max_new_tokens)
-            return Job(adm.request_id, (full,), adm.deadline, 0.0, True, FULL, adm.priority, seq)
-        return Job(adm.request_id, tuple(o.strategy for o in entry.options.values()), adm.deadline,
-                   adm.accuracy_floor, True, FULL, adm.priority, seq)
+        c = _full_cost(adm.prompt)
+        return new_job(adm.request_id, None if entry is None else {sid: o.strategy for sid, o in entry.options.items()},
+                       adm.deadline, adm.accuracy_floor, adm.priority, len(self.served),
+                       media_tokens=c["media_tokens"], prompt_tokens=c["prompt_tokens"],
+                       max_new_tokens=adm.max_new_tokens)
 
     async def _solve(self, fn, *args, **kw):
         started = time.perf_counter()
@@ -340,20 +337,8 @@ class Selector:
             if not capacity:
                 return 0
             now, jobs = time.time(), self.jobs()
-            order = self.order(jobs)
-            late = {m.request_id for m in diagnose(jobs, now, capacity, order=order, flow=self.flow)}
-            fixed, changes = [], {}
-            for job in jobs:
-                if job.request_id in late:
-                    cheapest = min(job.allowed, key=lambda s: (s.seconds(capacity), -s.accuracy)).id
-                    if cheapest != job.current:
-                        changes[job.request_id] = cheapest
-                    job = dataclasses.replace(job, deadline=None, reassignable=False, current=cheapest)
-                fixed.append(job)
-            result = await self._solve(reassign, fixed, now, capacity, order=order, time_limit_s=self.time_limit_s,
-                                       flow=self.flow)
-            if result.feasible and not result.fast_path:
-                changes.update({rid: result.choice[rid] for rid in result.changed})
+            changes = await self._solve(tick_changes, jobs, now, capacity, order=self.order(jobs),
+                                        time_limit_s=self.time_limit_s, flow=self.flow)
             return await self._apply(changes)
 
     async def run(self) -> None:
@@ -372,16 +357,6 @@ class Selector:
 def _full_cost(prompt: Any) -> dict[str, int]:
     media = sum(i.num_tokens for i in prompt.items)
     return {"reduction": FULL, "media_tokens": media, "prompt_tokens": len(prompt.input_ids)}
-
-
-def _remaining(adm: Admitted, progress: Progress) -> Strategy:
-    """The work a request still has, as one fixed strategy."""
-    encoded = not adm.prompt.items or progress.encode_ms > 0
-    prefilled = progress.first_at is not None
-    media = sum(i.num_tokens for i in adm.prompt.items)
-    return Strategy(FULL, 0.0, encode_tokens=0 if encoded else media,
-                    prefill_tokens=0 if prefilled else len(adm.prompt.input_ids),
-                    decode_tokens=max(0, adm.max_new_tokens - len(progress.tokens)))
 
 
 def reductions_proto(adm: Admitted, full_accuracy: float) -> prism_pb2.Reductions:

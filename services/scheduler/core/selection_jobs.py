@@ -1,0 +1,124 @@
+"""The selection's view of the requests being served, built from plain request state.
+
+The live selector (`services/scheduler/selector.py`, from its `Progress` and `Admitted`) and the
+simulator (`prism/sim/selection.py`, from its simulated requests) describe each request being
+served as a `Served` and use these functions for everything the program (`core.selection`) is
+given, so both make the same decisions on the same state:
+
+* `offered` -- a request's strategies: the profile's (``Profile.strategies_for``) at or above the
+  caller's floor, the full request always (with accuracy 1.0 when the profile has none for it);
+* `job_of` -- a request as a job: every strategy while its inputs may still change, else one
+  fixed strategy of the work it still has (`remaining`);
+* `new_job` -- an arrival as a job (before any work);
+* `serving_order` -- requests a worker has begun first (stages do not preempt), in arrival
+  order, then priority, earliest deadline, arrival;
+* `tick_changes` -- the periodic check: a job late even on its cheapest strategy is put on it
+  (and constrains no one), the others are reassigned when a deadline is at risk.
+
+Pure: no gRPC, Redis or torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from services.scheduler.core.selection import FULL, Capacity, Flow, Job, Strategy, diagnose, reassign
+
+__all__ = ["Served", "job_of", "new_job", "offered", "remaining", "serving_order", "tick_changes"]
+
+
+@dataclass(frozen=True)
+class Served:
+    """A request being served, as the selection sees it."""
+
+    request_id: str
+    deadline: float | None
+    """Absolute, on the clock of `now` (None: none)."""
+    priority: int
+    floor: float
+    """The caller's accuracy floor."""
+    max_new_tokens: int
+    media_tokens: int
+    """Encoder tokens of the inputs served now."""
+    prompt_tokens: int
+    """Prefill tokens of the inputs served now."""
+    current: str = FULL
+    """The strategy served now."""
+    options: Mapping[str, Strategy] | None = None
+    """Its strategies by id (`offered`) when its inputs may be reduced; None: served as sent."""
+    reassignable: bool = False
+    """Its inputs may still change (no worker began encoding them, no reassignment pending)."""
+    begun: bool = False
+    """A worker began on it (encoding started, encoded, or a token made)."""
+    encoded: bool = False
+    prefilled: bool = False
+    generated: int = 0
+    """Tokens made so far."""
+
+
+def offered(strategies: Iterable[Strategy], floor: float, *, media_tokens: int, prompt_tokens: int,
+            decode_tokens: int) -> dict[str, Strategy]:
+    """The strategies a request may be served with: `strategies` (the profile's, in order) at or
+    above `floor`, and the full request always (accuracy 1.0, the reference, when the profile
+    has none for it; its tokens are the full request's)."""
+    by_id = {s.id: s for s in strategies}
+    if FULL not in by_id:
+        by_id[FULL] = Strategy(FULL, 1.0, encode_tokens=media_tokens, prefill_tokens=prompt_tokens,
+                               decode_tokens=decode_tokens)
+    return {sid: s for sid, s in by_id.items() if sid == FULL or s.accuracy >= floor}
+
+
+def remaining(s: Served) -> Strategy:
+    """The work `s` still has, as one fixed strategy."""
+    return Strategy(FULL, 0.0, encode_tokens=0 if s.encoded else s.media_tokens,
+                    prefill_tokens=0 if s.prefilled else s.prompt_tokens,
+                    decode_tokens=max(0, s.max_new_tokens - s.generated))
+
+
+def job_of(s: Served, seq: int) -> Job:
+    """`s` as a job of the program (`seq`: its place in acceptance order)."""
+    if s.reassignable and s.options and s.current in s.options:
+        return Job(s.request_id, tuple(s.options.values()), s.deadline, s.floor, True, s.current, s.priority, seq)
+    return Job(s.request_id, (remaining(s),), s.deadline, 0.0, False, FULL, s.priority, seq)
+
+
+def new_job(request_id: str, options: Mapping[str, Strategy] | None, deadline: float | None, floor: float,
+            priority: int, seq: int, *, media_tokens: int, prompt_tokens: int, max_new_tokens: int) -> Job:
+    """An arrival as a job: its strategies (`offered`), or with None its full request only."""
+    if options is None:
+        full = Strategy(FULL, 0.0, encode_tokens=media_tokens, prefill_tokens=prompt_tokens,
+                        decode_tokens=max_new_tokens)
+        return Job(request_id, (full,), deadline, 0.0, True, FULL, priority, seq)
+    return Job(request_id, tuple(options.values()), deadline, floor, True, FULL, priority, seq)
+
+
+def serving_order(jobs: Sequence[Job], begun: Collection[str]) -> list[str]:
+    """The order the program assumes (module docstring); `begun`: the request ids a worker has
+    begun on."""
+    def key(job: Job):
+        if job.request_id in begun:
+            return (0, 0, 0.0, job.seq)
+        return (1, -job.priority, job.deadline if job.deadline is not None else math.inf, job.seq)
+
+    return [j.request_id for j in sorted(jobs, key=key)]
+
+
+def tick_changes(jobs: Sequence[Job], now: float, capacity: Capacity, *, order: Sequence[str],
+                 flow: Flow | None = None, time_limit_s: float | None = None) -> dict[str, str]:
+    """{request id: new strategy id} for the reassignable jobs when a deadline is at risk at
+    `capacity` (the program's fast path keeps the current assignment when every deadline is met)."""
+    late = {m.request_id for m in diagnose(jobs, now, capacity, order=order, flow=flow)}
+    fixed, changes = [], {}
+    for job in jobs:
+        if job.request_id in late:
+            cheapest = min(job.allowed, key=lambda s: (s.seconds(capacity), -s.accuracy)).id
+            if cheapest != job.current:
+                changes[job.request_id] = cheapest
+            job = dataclasses.replace(job, deadline=None, reassignable=False, current=cheapest)
+        fixed.append(job)
+    result = reassign(fixed, now, capacity, order=order, time_limit_s=time_limit_s, flow=flow)
+    if result.feasible and not result.fast_path:
+        changes.update({rid: result.choice[rid] for rid in result.changed})
+    return changes
