@@ -80,9 +80,12 @@ def finishes(ordered, picks, now, capacity=None, flow=None):
             out.append(t)
             continue
         work, at = x.stage_seconds(capacity), now
-        for stage in flow.stages:  # the job enters a stage when both it and the stage are free
-            start = max(at, free[stage])
-            at = free[stage] = start + work.get(stage, 0.0)
+        for stage in flow.stages:
+            if flow.strict:  # the job enters a stage when both it and the stage are free
+                at = free[stage] = max(at, free[stage]) + work.get(stage, 0.0)
+            elif work.get(stage, 0.0):  # busy with the work before it; the job needs its own on top
+                free[stage] += work[stage]
+                at = max(at + work[stage], free[stage])
         out.append(max(at, now + (t - now) / flow.parallelism))
     return out
 
@@ -175,7 +178,8 @@ def test_reassign_equals_exhaustive_search(case):
     assert diagnose(jobs, now, order=order) == ()
 
 
-FLOWS = st.sampled_from([Flow(), Flow(parallelism=2.0), Flow(("encode", "prefill"), 1.5)])
+FLOWS = st.sampled_from([Flow(), Flow(parallelism=2.0), Flow(("encode", "prefill"), 1.5), Flow(strict=True),
+                          Flow(("encode", "prefill"), 2.0, strict=True)])
 
 
 @settings(max_examples=300, deadline=None)
@@ -213,6 +217,16 @@ def test_overlapping_stages_admit_what_one_server_cannot():
         Flow(parallelism=0.5)
     with pytest.raises(ValueError, match="stages"):
         Flow(("encode", "encode"))
+
+
+def test_a_text_only_job_passes_images_being_encoded_unless_strict():
+    images = Job("img", (Strategy(FULL, 1.0, work_s={"encode": 3.0, "prefill": 1.0}),), deadline=10.0)
+    text = Job("txt", (Strategy(FULL, 1.0, work_s={"prefill": 1.0}),), deadline=2.0)
+    queues = reassign([images, text], 0.0, order=["img", "txt"], flow=Flow(("encode", "prefill")))
+    assert queues.feasible and queues.finish == {"img": pytest.approx(4.0), "txt": pytest.approx(2.0)}
+    strict = reassign([images, text], 0.0, order=["img", "txt"], flow=Flow(("encode", "prefill"), strict=True))
+    assert not strict.feasible and [m.request_id for m in strict.misses] == ["txt"]
+    assert strict.misses[0].earliest_finish == pytest.approx(5.0)
 
 
 def test_admit_under_flow_fits_by_degrading_and_refuses_what_cannot_fit():

@@ -17,12 +17,15 @@ work). `reassign` picks one allowed strategy per job so that every job with a de
 maximising the total expected accuracy, then minimising the total work: an integer program for
 `scipy.optimize.milp` (HiGHS), binaries x[i, s] one-hot per job, a prefix-sum row per deadline.
 
-`Flow` is the tighter model for stages that overlap (one worker per stage): a permutation flow
-shop, job i leaving stage s at ``C[i,s] = max(C[i-1,s], C[i,s-1]) + work[i,s]`` (a stage serves
-one job at a time in the order; decode's work is its share of the batch's throughput), and, when
-the stages share `Flow.parallelism` cores or devices, no sooner than ``now + (every job's work up
-to i) / parallelism``. The program then has a continuous ``C[i,s]`` per job and stage with two
-precedence rows each, linear in the binaries, so it stays exact.
+`Flow` is the tighter model for stages that overlap (one worker per stage; decode's work is its
+share of the batch's throughput). Each stage's queue hands its worker the first *ready* task in
+the serving order, so job i leaves stage s at ``C[i,s] = max(C[i,s-1] + work[i,s], now + the work
+at s of the jobs up to i)`` for a job with work at s (a text-only request skips the encoder and
+passes images still being encoded; `Flow.strict`:
+a permutation flow shop, ``max(C[i-1,s], C[i,s-1]) + work[i,s]``), and, when the stages share
+`Flow.parallelism` cores or devices, no sooner than ``now + (every job's work up to i) /
+parallelism``. The program then has a continuous ``C[i,s]`` per job and stage with two lower-bound
+rows each, linear in the binaries, so it stays exact.
 
 Finish times only grow with work, so some assignment meets every deadline exactly when every job
 on its cheapest allowed strategy does; `diagnose` checks that without the solver and names the
@@ -153,12 +156,19 @@ class Job:
 
 @dataclass(frozen=True)
 class Flow:
-    """The stages overlap: a flow shop through `stages` in order (each serves one job at a time,
-    in the serving order), whose stages share `parallelism` cores or devices (``math.inf``: each
-    stage its own; 2 for three single-threaded stage processes on two cores)."""
+    """The stages overlap: jobs go through `stages` in order, each stage serving one job at a time
+    by the serving order, and the stages share `parallelism` cores or devices (``math.inf``: each
+    stage its own; 2 for three single-threaded stage processes on two cores).
+
+    `strict`: a stage takes the jobs strictly in the serving order, idling until the next one is
+    ready (a permutation flow shop). Otherwise (the stage queues: a worker takes the first task
+    that is *ready*) a job leaves stage s no sooner than its previous stage plus its own work, nor
+    than ``now`` plus all the work at s of the jobs up to it in the order; a text-only request
+    then passes the encoding of the images queued before it."""
 
     stages: tuple[str, ...] = STAGES
     parallelism: float = math.inf
+    strict: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -276,11 +286,16 @@ def _finishes(plans: Sequence[_Plan], choice: Sequence[str], now: float, flow: F
     serial = list(accumulate((p.work[s] for p, s in zip(plans, choice)), initial=now))[1:]
     if flow is None:
         return serial
-    out, done = [], dict.fromkeys(flow.stages, now)  # when each stage is free
+    out, done = [], dict.fromkeys(flow.stages, now)  # strict: when each stage is free; else: its work so far
     for p, s, total in zip(plans, choice, serial):
         ready = now
         for stage in flow.stages:
-            ready = done[stage] = max(done[stage], ready) + p.stage[s].get(stage, 0.0)
+            work = p.stage[s].get(stage, 0.0)
+            if flow.strict:
+                ready = done[stage] = max(done[stage], ready) + work
+            elif work:  # a job with no work at a stage (no media to encode) skips it
+                done[stage] += work
+                ready = max(ready + work, done[stage])
         out.append(max(ready, now + (total - now) / flow.parallelism))
     return out
 
@@ -394,8 +409,9 @@ def _solve_flow(plans: Sequence[_Plan], best: Sequence[str], last: int, now: flo
                 time_limit_s: float | None) -> tuple[list[str] | None, str, int, int]:
     """`reassign`'s program under `flow`: binaries x[i, s] (one-hot over the frontier of each job
     up to `last`, the last with a deadline, that has a choice), continuous C[i, k] >= 0 (job i
-    leaves stage k, seconds after `now`); rows ``C[i,k] - C[i-1,k] - work >= 0`` and ``C[i,k] -
-    C[i,k-1] - work >= 0``, and for each deadline ``C[i, last stage] <= deadline - now`` and
+    leaves stage k, seconds after `now`); rows ``C[i,k] - C[i,k-1] - work >= 0`` and, `strict`,
+    ``C[i,k] - C[i-1,k] - work >= 0``, else ``C[i,k] - (work at k of jobs up to i) >= 0`` (relaxed by a
+    big M where job i's strategy has no work at k); for each deadline ``C[i, last stage] <= deadline - now`` and
     ``(work up to i) / parallelism <= deadline - now``. Jobs after `last` keep `best`. The choice
     is None when the solver found none (infeasible, or out of time)."""
     n_jobs, stages = last + 1, flow.stages
@@ -423,18 +439,32 @@ def _solve_flow(plans: Sequence[_Plan], best: Sequence[str], last: int, now: flo
 
     for i in range(n_jobs):
         own = [j for j, p in enumerate(pos) if p == i]
+        prefix = [j for j, p in enumerate(pos) if p <= i]
         for k in range(n_st):
             work = {j: -stage_work[j, k] for j in own}
             const = fixed[i][k] if i in fixed else 0.0
-            for prev in ([(i - 1, k)] if i else []) + ([(i, k - 1)] if k else []):
+            before = [(i, k - 1)] if k else []  # the job's previous stage
+            if flow.strict:
+                before += [(i - 1, k)] if i else []  # the previous job at this stage
+            for prev in before:
                 row({col[(i, k)]: 1.0, col[prev]: -1.0, **work}, const, np.inf)
-            if not i and not k:
+            if not before:
                 row({col[(i, k)]: 1.0, **work}, const, np.inf)
+            if not flow.strict and i and (i not in fixed or fixed[i][k] > 0):
+                # All the work at this stage up to the job, unless its strategy skips the stage
+                # (big-M on the strategies without work here).
+                ahead = math.fsum(fixed[h][k] for h in fixed if h <= i)
+                coeffs = {col[(i, k)]: 1.0, **{j: -stage_work[j, k] for j in prefix}}
+                skips = [j for j in own if stage_work[j, k] == 0.0]
+                if skips:
+                    big = ahead + sum(max((stage_work[j, k] for j in prefix if pos[j] == h), default=0.0)
+                                      for h in {pos[j] for j in prefix})
+                    coeffs.update({j: coeffs[j] + big for j in skips})
+                row(coeffs, ahead, np.inf)
         deadline = plans[i].job.deadline
         if deadline is not None:
             row({col[(i, n_st - 1)]: 1.0}, -np.inf, deadline - now + TIME_TOL)
             if flow.parallelism < math.inf:
-                prefix = [j for j, p in enumerate(pos) if p <= i]
                 const = math.fsum(sum(fixed[h]) for h in fixed if h <= i)
                 row({j: stage_work[j].sum() / flow.parallelism for j in prefix}, -np.inf,
                     deadline - now - const / flow.parallelism + TIME_TOL)
