@@ -320,9 +320,18 @@ def simulate_cmd(
     max_new_tokens: int = typer.Option(0, "--max-new-tokens", help="Clip generated tokens per request (0: as traced)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image overlay drawn where the trace has no NumImages."),
     out: Path = typer.Option(None, "--out", help="Also write the JSON statistics here."),
+    selection_profile: Path = typer.Option(None, "--selection-profile", help="Modality selection: a `prism profile` "
+                                           "file or JSON {reduction_id: accuracy}; requests with images may then "
+                                           "have images dropped down to their floor (the live selector's program)."),
+    floors: str = typer.Option("0.6,0.75,0.85", "--floors", help="Accuracy floors, one drawn per request with "
+                               "images (seeded by --seed)."),
+    deadline_s: float = typer.Option(0.0, "--deadline-s", help="Deadline budget per request, seconds (0: none)."),
+    selection_kinds: str = typer.Option("drop_images,drop_modality", "--selection-kinds", help="Reductions the "
+                                        "simulated family offers: drop_images, drop_modality, downscale_images."),
 ) -> None:
     """Simulate a deployment on a trace with the real scheduler core and a latency profile;
-    prints the same JSON statistics as `prism bench`."""
+    prints the same JSON statistics as `prism bench` (with --selection-profile or --deadline-s
+    also goodput at deadline and floor, mean accuracy and the strategies used)."""
     import json
 
     from prism.bench.trace import load_trace, scale
@@ -341,14 +350,46 @@ def simulate_cmd(
         config = SimConfig(instances=specs, placement=placement)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--cluster")
+    try:
+        floor_list = [float(f) for f in floors.split(",") if f.strip()]
+        if any(not 0.0 <= f <= 1.0 for f in floor_list):
+            raise ValueError
+    except ValueError:
+        raise typer.BadParameter(f"{floors!r} is not a comma list of numbers in [0, 1]", param_hint="--floors")
+    if deadline_s < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--deadline-s")
+    if selection_profile is not None:
+        from dataclasses import replace as _replace
+
+        from prism.profiling.schema import ProfileError
+        from prism.sim.selection import SelectionConfig, load_selection_profile
+
+        try:
+            sel = load_selection_profile(selection_profile)
+        except (OSError, ProfileError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--selection-profile")
+        try:
+            kinds = frozenset(k.strip() for k in selection_kinds.split(",") if k.strip())
+            config = _replace(config, selection=SelectionConfig(sel, kinds=kinds))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--selection-kinds")
     begin = float(start) if start.replace(".", "", 1).isdigit() else (start or None)
     reqs = load_trace(trace, seed=seed, start=begin, duration_s=duration)
     reqs = scale(reqs, time_factor=1 / rate_scale)
     requests = requests_from_trace(reqs, max_new_tokens=max_new_tokens or None)
+    if selection_profile is not None or deadline_s:
+        from prism.sim.run import with_selection
+        from prism.sim.selection import SimReduce
+
+        down = "downscale_images" in selection_kinds
+        requests = with_selection(requests, floors=floor_list, seed=seed, deadline_s=deadline_s or None,
+                                  reduce=SimReduce(drop_images=True, drop_all_images=True, downscale_images=down))
     stats = run_summary(requests, config, prof, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
                         duration_s=duration / rate_scale)
     stats["config"] = {"profile": profile, "trace": str(trace), "cluster": cluster, "gpus": config.gpus,
-                       "rate_scale": rate_scale, "duration_s": duration, "placement": placement, "slots": slots}
+                       "rate_scale": rate_scale, "duration_s": duration, "placement": placement, "slots": slots,
+                       "selection_profile": str(selection_profile) if selection_profile else None,
+                       "floors": floor_list, "deadline_s": deadline_s or None}
     text = json.dumps(stats, indent=2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,10 @@ class RequestRecord:
     num_images: int = 0
     message: str = ""
     """The error's message, for failed calls."""
+    strategy: str = ""
+    """Modality selection: the reduction id served ("full": as sent); empty when not known."""
+    expected_accuracy: float | None = None
+    """Modality selection: the profiled accuracy of what was served; None when not known."""
 
     def __post_init__(self) -> None:
         if self.tokens < 0 or self.expected_tokens < 0 or self.num_images < 0:

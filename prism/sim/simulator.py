@@ -12,9 +12,10 @@ fed as `services/scheduler/admin.py` feeds them, acted on like the local supervi
 
 What is simulated: the clock (`prism.sim.events.Clock`), the workers' latencies
 (`prism.sim.profile`, through `prism.sim.workers`) and the hops between processes (the
-profile's overheads). Not simulated: failures and retries, input reduction (selection), KV
-memory limits beyond decode slots, stop strings (every request generates its `max_new_tokens`,
-as the benchmarks force with ignore_eos).
+profile's overheads). With a selection profile (`SimConfig.selection`), modality selection
+decides arrivals and reassigns queued requests as the live selector does (`prism.sim.selection`).
+Not simulated: failures and retries, KV memory limits beyond decode slots, stop strings (every
+request generates its `max_new_tokens`, as the benchmarks force with ignore_eos).
 
 Given the same requests, configuration and profile, a run is deterministic: no wall clock and
 no randomness.
@@ -30,6 +31,7 @@ from types import MappingProxyType
 from prism.bench.stats import RequestRecord
 from prism.sim.events import Clock
 from prism.sim.profile import SimProfile
+from prism.sim.selection import FULL, Choice, Inputs, Refused, SelectionConfig, SimReduce, SimSelector
 from prism.sim.workers import DecodeWorker, Device, EncodeWorker, Host, PrefillWorker, StageQueue, Task
 from services.scheduler.core import (STAGES, Admission, Autoscaler, Instance, Limits, LoadBook, NoInstance,
                                      Placement, RateTracker, RequestCost, ScalePolicy, SloTracker)
@@ -58,8 +60,14 @@ class SimRequest:
     tpot_target_s: float | None = None
     deadline_s: float | None = None
     """Sent as ``slo.deadline_ms``: a budget from arrival; None: no deadline."""
+    accuracy_floor: float = 0.0
+    """``selection.accuracy_floor``: the least expected accuracy the caller accepts."""
+    reduce: SimReduce | None = None
+    """What may be reduced (``selection``); None: nothing."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.accuracy_floor <= 1.0:
+            raise ValueError(f"request {self.request_id}: accuracy_floor must be in [0, 1]")
         if self.arrival_s < 0 or self.text_tokens < 0 or self.num_images < 0 or self.max_new_tokens < 1:
             raise ValueError(f"request {self.request_id}: arrival_s, text_tokens, num_images must be >= 0 "
                              "and max_new_tokens >= 1")
@@ -138,6 +146,8 @@ class SimConfig:
     """One queue per stage read by all its workers (``--shared-queues``, the Kubernetes
     deployment): a task goes to whichever worker takes it first, and the scheduler moves its
     booked load there when the task's first event names that worker."""
+    selection: SelectionConfig | None = None
+    """Modality selection (``--selection-profile``); None: requests are served as sent."""
 
     def __post_init__(self) -> None:
         if not self.instances and self.autoscale is None:
@@ -163,6 +173,10 @@ class SimResult:
     """(time, {stage: instances up}) whenever it changed (autoscaling)."""
     batch_sizes: dict[str, float]
     """Mean batch size per stage (decode: active requests per step)."""
+    outcomes: list[tuple] = field(default_factory=list)
+    """(request id, status, strategy, expected accuracy, floor, deadline budget s, e2e s) per request."""
+    selection: dict | None = None
+    """What the selector did (decisions, fitted, refused, reassigned, lost races); None: no selection."""
 
 
 class _Inst:
@@ -211,6 +225,16 @@ class _Req:
     prefill_done: float | None = None
     decode_task: Task | None = None
     decode_worker: str = ""
+    inputs: Inputs | None = None  # the images served now
+    strategy: str = FULL
+    accuracy: float | None = None
+    options: dict | None = None  # strategy id -> (Strategy, Inputs), when its inputs may be reduced
+    attempt: int = 1
+    encode_tasks: list = field(default_factory=list)  # this attempt's
+    encode_started: bool = False  # the scheduler saw a worker take one of its encode tasks
+    encode_done: bool = False
+    reassigned: str | None = None  # a reassignment being carried out
+    reassignments: int = 0
 
 
 class Simulator:
@@ -243,6 +267,8 @@ class Simulator:
         self.shared = {s: StageQueue() for s in STAGES}
         self.peers: dict[str, list] = {s: [] for s in STAGES}
         self._expected = 0
+        self.outcomes: list[tuple] = []
+        self.selector = SimSelector(config.selection, self) if config.selection is not None else None
         for spec in config.instances:
             for _ in range(spec.count):
                 self._add(spec, registered=True)
@@ -383,6 +409,8 @@ class Simulator:
         for r in requests:
             self.clock.at(r.arrival_s + half + intake * r.num_images, lambda r=r: self._arrive(r))
         self.clock.after(self.config.refresh_s, self._periodic)
+        if self.selector is not None and self.selector.enabled:
+            self.clock.after(self.config.selection.every_s, self._select)
         if self.config.autoscale is not None:
             self._note_replicas()
             self.clock.after(self.config.autoscale.every_s, self._scale)
@@ -396,56 +424,133 @@ class Simulator:
             for s, w in i.workers.items():
                 sizes[s].extend(w.batch_sizes)
         self.records.sort(key=lambda rec: (rec.arrival_s, rec.sent_s))
+        sel = None
+        if self.selector is not None:
+            st = self.selector.stats
+            sel = {"decisions": st.decisions, "fitted": st.fitted, "refused": st.refused,
+                   "reassigned": st.reassigned, "lost_races": st.lost_races}
         return SimResult(self.records, self.decisions, dict(self.placements), gpu_s, end, self.clock.events_run,
-                         self.replicas, {s: round(statistics.fmean(v), 3) for s, v in sizes.items() if v})
+                         self.replicas, {s: round(statistics.fmean(v), 3) for s, v in sizes.items() if v},
+                         self.outcomes, sel)
 
-    def _cost(self, r: SimRequest, now: float) -> RequestCost:
+    def _select(self) -> None:
+        if self._done_all():
+            return
+        self.selector.tick()
+        self.clock.after(self.config.selection.every_s, self._select)
+
+    def deadline_of(self, r: SimRequest) -> float | None:
+        return None if r.deadline_s is None else r.arrival_s + r.deadline_s
+
+    def cost_of(self, r: SimRequest, inputs: Inputs | None = None, *, deadline: bool = True) -> RequestCost:
+        """The request's cost with `inputs` (None: as sent); `deadline=False`: without its deadline
+        (the selection's program checked it)."""
         p = self.profile
+        k, t, pp = (r.num_images, p.tokens_per_image, p.prompt_tokens_per_image) if inputs is None else \
+            (inputs.images, inputs.tokens_per_image, inputs.prompt_tokens_per_image)
         return RequestCost(
-            request_id=r.request_id, priority=r.priority,
-            deadline=None if r.deadline_s is None else r.arrival_s + r.deadline_s,
-            ttft_target_s=r.ttft_target_s, image_tokens=r.num_images * p.tokens_per_image,
-            prompt_tokens=r.text_tokens + r.num_images * p.prompt_tokens_per_image,
-            max_new_tokens=r.max_new_tokens, media=(p.tokens_per_image,) * r.num_images if p.tokens_per_image else ())
+            request_id=r.request_id, priority=r.priority, deadline=self.deadline_of(r) if deadline else None,
+            ttft_target_s=r.ttft_target_s, image_tokens=k * t, prompt_tokens=r.text_tokens + k * pp,
+            max_new_tokens=r.max_new_tokens, media=(t,) * k if t else ())
 
     def _fail(self, r: SimRequest, code: str, message: str) -> None:
         done = self.clock.now + self.profile.overhead_s("client") / 2
         self.records.append(RequestRecord(r.arrival_s, r.arrival_s, None, done, 0, code,
                                           expected_tokens=r.max_new_tokens, num_images=r.num_images,
                                           message=message))
+        self.outcomes.append((r.request_id, code, "", None, r.accuracy_floor, r.deadline_s, None))
 
     def _arrive(self, r: SimRequest) -> None:
         now = self.clock.now
-        cost = self._cost(r, now)
-        decision = self.admission.admit(cost, now, self.book, self.routable)
-        if not decision.ok:
-            self.decisions.append((r.request_id, now, decision.code, None, {}))
-            self._fail(r, decision.code, decision.message)
-            return
+        if self.selector is not None and self.selector.enabled:
+            try:
+                choice = self.selector.admit(r, now)
+            except Refused as exc:
+                self.decisions.append((r.request_id, now, exc.code, None, {}))
+                self._fail(r, exc.code, exc.message)
+                return
+        else:
+            decision = self.admission.admit(self.cost_of(r), now, self.book, self.routable)
+            if not decision.ok:
+                self.decisions.append((r.request_id, now, decision.code, None, {}))
+                self._fail(r, decision.code, decision.message)
+                return
+            full = self.config.selection.full_accuracy() if self.config.selection is not None else None
+            choice = Choice(Inputs(FULL, r.num_images, self.profile.tokens_per_image,
+                                   self.profile.prompt_tokens_per_image), FULL, full, None)
+        cost = self.cost_of(r, choice.inputs)
         for stage in cost.stages:  # on_admit (services/scheduler/app.py)
             self.rates.arrived(stage, cost.cost(stage), now)
-        try:  # Pipeline._choose: the attempt's own placement
+        st = _Req(r, cost, now, inputs=choice.inputs, strategy=choice.strategy, accuracy=choice.accuracy,
+                  options=choice.options)
+        if self._place(st) and self.selector is not None:
+            self.selector.accepted(st)
+
+    def _place(self, st: _Req) -> bool:
+        """An attempt: its placement (`Pipeline._choose`) and its first tasks."""
+        r, cost, now = st.req, st.cost, self.clock.now
+        try:
             choice = self.placement.decide(cost, self.routable, self.book)
         except NoInstance as exc:
             self.decisions.append((r.request_id, now, "UNAVAILABLE", None, {}))
             self._fail(r, "UNAVAILABLE", f"no live worker for the {exc.stage} stage")
-            return
+            if self.selector is not None:
+                self.selector.finished(r.request_id)
+            self._reqs.pop(r.request_id, None)
+            return False
         self.decisions.append((r.request_id, now, "OK", choice.path, choice.names()))
         self.placements[choice.path] += 1
-        st = _Req(r, cost, now, prefill=choice.prefill.name, decode=choice.decode.name,
-                  encoders=tuple(i.name for i in choice.encode))
+        st.prefill, st.decode = choice.prefill.name, choice.decode.name
+        st.encoders = tuple(i.name for i in choice.encode)
         self._reqs[r.request_id] = st
-        base = f"{r.request_id}/a1"
+        base = f"{r.request_id}/a{st.attempt}"
+        st.encode_tasks = []
         if choice.encode:
             groups: dict[str, int] = {}
             for inst, tokens in zip(choice.encode, cost.media_costs):
                 groups[inst.name] = groups.get(inst.name, 0) + tokens
             st.encode_left = len(groups)
             for k, (name, tokens) in enumerate(groups.items()):
-                self._put("encode", name, Task(f"{base}/encode{k}", r.request_id, tokens, r.priority,
-                                               cost.deadline, media_tokens=tokens))
+                task = Task(f"{base}/encode{k}", r.request_id, tokens, r.priority, cost.deadline, media_tokens=tokens)
+                st.encode_tasks.append(task)
+                self._put("encode", name, task)
         else:
             self._queue_prefill(st)
+        return True
+
+    # ---- selection's hooks -------------------------------------------------------------
+    def later(self, fn) -> None:
+        self._later(fn)
+
+    def take_back(self, task: Task) -> bool:
+        """Cancels a queued task atomically unless a worker took it (``cancel(if_queued=True)``)."""
+        return task.take_back()
+
+    def generated(self, st: _Req) -> int:
+        """Tokens the scheduler has of `st` (the first from prefill, then decode's)."""
+        if st.first_s is None:
+            return 0
+        seq = None
+        if st.decode_task is not None and st.decode_task.task_id and st.decode_worker:
+            seq = self._worker(st.decode_worker, "decode").sequence(st.decode_task.task_id)
+        return seq.generated if seq is not None else 1
+
+    def reattempt(self, st: _Req) -> None:
+        """The cancellation reached the scheduler: the attempt ends (its tasks taken back or
+        orphaned), the next serves the reassigned inputs."""
+        for task in st.encode_tasks:
+            if task.task_id in self._tasks:
+                self.book.finish(task.task_id, "encode")
+                del self._tasks[task.task_id]
+        sid, st.reassigned = st.reassigned, None
+        st.reassignments += 1
+        st.attempt += 1
+        st.encode_started = False
+        strategy, inputs = st.options[sid]
+        st.strategy, st.accuracy, st.inputs = sid, strategy.accuracy, inputs
+        st.cost = self.cost_of(st.req, inputs)
+        if not self._place(st) and self.selector is not None:
+            self.selector.finished(st.req.request_id)
 
     def _put(self, stage: str, name: str, task: Task) -> None:
         self._tasks[task.task_id] = (task.request_id, stage, name)
@@ -455,7 +560,7 @@ class Simulator:
     def _queue_prefill(self, st: _Req) -> None:
         r, c = st.req, st.cost
         src = next((e for e in st.encoders if e != st.prefill), st.encoders[0] if st.encoders else "")
-        self._put("prefill", st.prefill, Task(f"{r.request_id}/a1/prefill", r.request_id, c.prompt_tokens, r.priority,
+        self._put("prefill", st.prefill, Task(f"{r.request_id}/a{st.attempt}/prefill", r.request_id, c.prompt_tokens, r.priority,
                                               c.deadline, media_tokens=c.image_tokens, prompt_tokens=c.prompt_tokens,
                                               new_tokens=r.max_new_tokens, source=src))
 
@@ -464,8 +569,15 @@ class Simulator:
         self.clock.after(self.profile.overhead_s("event"), fn)
 
     def running(self, task: Task, worker: str) -> None:
+        if task.task_id not in self._tasks:  # an attempt ended by a reassignment
+            return
         rid, stage, booked = self._tasks[task.task_id]
         st = self._reqs[rid]
+        if stage == "encode":
+            def started() -> None:  # the RUNNING event reaches the scheduler
+                if any(t is task for t in st.encode_tasks):  # this attempt's
+                    st.encode_started = True
+            self._later(started)
         if worker != booked:  # taken from a shared queue: the pipeline moves its load on this event
             self._tasks[task.task_id] = (rid, stage, worker)
             self._later(lambda: self.book.move(task.task_id, stage, worker, from_instance=booked))
@@ -476,7 +588,7 @@ class Simulator:
         if st.req.max_new_tokens > 1 and st.decode_task is None:
             def queue_decode() -> None:
                 r, c = st.req, st.cost
-                st.decode_task = Task(f"{r.request_id}/a1/decode", r.request_id, r.max_new_tokens - 1, r.priority,
+                st.decode_task = Task(f"{r.request_id}/a{st.attempt}/decode", r.request_id, r.max_new_tokens - 1, r.priority,
                                       c.deadline, prompt_tokens=c.prompt_tokens, new_tokens=r.max_new_tokens,
                                       source=worker)
                 self._put("decode", st.decode, st.decode_task)
@@ -487,6 +599,8 @@ class Simulator:
         return self._reqs[task.request_id].prefill_done
 
     def ready(self, task: Task, worker: str, compute_s: float) -> None:
+        if task.task_id not in self._tasks:  # an attempt ended by a reassignment: nobody waits for it
+            return
         rid, stage, _ = self._tasks[task.task_id]
         st = self._reqs[rid]
         if stage == "prefill":  # the KV is complete on the prefill worker now
@@ -496,11 +610,14 @@ class Simulator:
                 self._worker(st.decode_worker, "decode").input_ready(dec.task_id)
 
         def seen() -> None:
+            if task.task_id not in self._tasks:
+                return
             self.book.finish(task.task_id, stage)
             if stage == "encode":
                 self._record(worker, "encode", task.media_tokens, compute_s)
                 st.encode_left -= 1
                 if st.encode_left == 0:
+                    st.encode_done = True
                     self._queue_prefill(st)
             else:
                 self._record(worker, "prefill", task.prompt_tokens, compute_s)
@@ -524,7 +641,12 @@ class Simulator:
         r = st.req
         first = st.first_s if st.first_s is not None else done_s
         self.records.append(RequestRecord(r.arrival_s, r.arrival_s, first, done_s, tokens, "OK",
-                                          expected_tokens=r.max_new_tokens, num_images=r.num_images))
+                                          expected_tokens=r.max_new_tokens, num_images=r.num_images,
+                                          strategy=st.strategy, expected_accuracy=st.accuracy))
+        self.outcomes.append((r.request_id, "OK", st.strategy, st.accuracy, r.accuracy_floor, r.deadline_s,
+                              done_s - r.arrival_s))
+        if self.selector is not None:
+            self.selector.finished(r.request_id)
         tpot = (done_s - first) / (tokens - 1) if tokens > 1 else None
         self.slo.record(first - r.arrival_s, tpot, r.ttft_target_s, r.tpot_target_s, now=self.clock.now)
         del self._reqs[r.request_id]

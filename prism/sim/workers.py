@@ -127,6 +127,20 @@ class Task:
     source: str = ""
     """The instance holding this task's input (encoder for prefill, prefill for decode)."""
     seq: int = 0
+    taken: bool = False
+    """A worker took it from its queue."""
+    cancelled: bool = False
+    queue: "StageQueue | None" = None
+
+    def take_back(self) -> bool:
+        """Cancels it unless a worker took it (on its way to the queue, or queued): True if so."""
+        if self.taken:
+            return False
+        if not self.cancelled:
+            self.cancelled = True
+            if self.queue is not None:
+                self.queue.dropped()
+        return True
 
 
 class Listener(Protocol):
@@ -137,25 +151,42 @@ class Listener(Protocol):
 
 
 class StageQueue:
-    """Tasks served in `order_key` order."""
+    """Tasks served in `order_key` order (cancelled ones skipped)."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[tuple, Task]] = []
         self._seq = 0
+        self._live = 0
 
     def put(self, task: Task) -> None:
+        if task.cancelled:  # taken back on its way to the queue
+            return
         self._seq += 1
         task.seq = self._seq
+        task.queue = self
+        self._live += 1
         heapq.heappush(self._heap, (order_key(task.priority, task.deadline, task.cost, self._seq), task))
 
+    def dropped(self) -> None:
+        self._live -= 1
+
+    def _purge(self) -> None:
+        while self._heap and self._heap[0][1].cancelled:
+            heapq.heappop(self._heap)
+
     def peek(self) -> Task | None:
+        self._purge()
         return self._heap[0][1] if self._heap else None
 
     def pop(self) -> Task:
-        return heapq.heappop(self._heap)[1]
+        self._purge()
+        task = heapq.heappop(self._heap)[1]
+        task.taken, task.queue = True, None
+        self._live -= 1
+        return task
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return self._live
 
 
 @dataclass(eq=False)
@@ -269,6 +300,10 @@ class DecodeWorker(_Base):
     @property
     def active(self) -> int:
         return len(self._active)
+
+    def sequence(self, task_id: str) -> _Seq | None:
+        """The active request of `task_id` (its tokens so far), or None."""
+        return self._active.get(task_id)
 
     def kick(self) -> None:
         while self._held < self.slots and len(self.queue) and not self.stopped:
