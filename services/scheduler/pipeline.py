@@ -66,6 +66,7 @@ class Progress:
     encode_ms: float = 0.0
     prefill_ms: float = 0.0
     tasks: dict[str, tuple[str, str]] = field(default_factory=dict)  # task id -> (stage, instance)
+    booked: dict[str, str] = field(default_factory=dict)  # task id -> stage: load booked, not queued yet
     started: float = field(default_factory=time.time)
     adm: Admitted | None = None  # the request as being served (inputs as reduced now)
     encode_started: bool = False  # a worker began encoding this attempt's media
@@ -160,6 +161,7 @@ class Pipeline:
         except (DuplicateTask, QueueClosed) as exc:
             raise StageError(grpc.StatusCode.UNAVAILABLE, f"{stage} worker {instance}: {exc}") from None
         progress.tasks[item.task_id] = (stage, instance)
+        progress.booked.pop(item.task_id, None)
         self.cluster.book.add(item.task_id, stage, instance, cost)
 
     async def _address(self, worker: str) -> str:
@@ -201,6 +203,9 @@ class Pipeline:
         raise StageError(grpc.StatusCode.INTERNAL, f"task {task_id} ended without output")
 
     async def _cancel_tasks(self, progress: Progress) -> None:
+        for task_id, stage in progress.booked.items():
+            self.cluster.book.finish(task_id, stage)
+        progress.booked.clear()
         for task_id, (stage, instance) in list(progress.tasks.items()):
             self.cluster.book.finish(task_id, stage)
             try:
@@ -281,14 +286,22 @@ class Pipeline:
         sources: list[stages_pb2.EmbeddingSource] = []
         if progress.reassigned is not None:  # reassigned before this attempt queued anything
             raise Reassigned()
+        prefill_id, decode_id = f"{base}/prefill", f"{base}/decode"
+        prefill_inst, decode_inst = choice.prefill, choice.decode
+        input_ids = list(adm.prompt.input_ids) + list(progress.tokens)
+        need_decode = max_new > 1
+        # The prefill and decode chosen now carry this request's load from now, not from when
+        # its encoding is done: a burst of image requests must not all pick the same "idle" one.
+        for task_id, stage, inst, cost in ((prefill_id, "prefill", prefill_inst, len(input_ids)),
+                                           (decode_id, "decode", decode_inst, max_new - 1)):
+            if stage == "prefill" or need_decode:
+                self.cluster.book.add(task_id, stage, inst.name, cost)
+                progress.booked[task_id] = stage
         progress.encode_started = False
         if items:
             started = time.perf_counter()
             sources = await self._encode(adm, base, progress, choice)
             progress.encode_ms = (time.perf_counter() - started) * 1000
-        prefill_id, decode_id = f"{base}/prefill", f"{base}/decode"
-        prefill_inst, decode_inst = choice.prefill, choice.decode
-        input_ids = list(adm.prompt.input_ids) + list(progress.tokens)
         prefill_req = stages_pb2.PrefillRequest(
             header=self._header(adm, prefill_id, progress, choice), input_ids=input_ids,
             media=[media_info(i) for i in items], sampling=sampling, embedding_sources=sources)
@@ -297,7 +310,6 @@ class Pipeline:
         decode_req = stages_pb2.DecodeRequest(
             header=self._header(adm, decode_id, progress, choice), prefill_address=prefill_inst.address,
             prefill_task_id=prefill_id, sampling=sampling, stop_token_ids=sorted(adm.stop_ids))
-        need_decode = max_new > 1
         decode_queued = False
 
         async def queue_decode() -> None:

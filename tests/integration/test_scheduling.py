@@ -66,6 +66,37 @@ async def test_encoder_batches_images_of_several_requests(tiny_models, oracle):
         assert len(encoder.batch_sizes) == 2 and sum(encoder.batch_sizes) == 5, list(encoder.batch_sizes)
 
 
+async def test_a_burst_of_image_requests_books_its_prefill_and_decode_at_once(tiny_models, oracle):
+    """While their images wait for a busy encoder, the requests' prefill (and decode) load is
+    already booked where they will go, so the burst spreads over both prefill workers instead of
+    every request picking the one that looks idle."""
+    import threading
+
+    layout = [("encode",), ("prefill",), ("prefill",), ("decode",)]
+    async with LocalCluster(tiny_models["llava"], layout, slots=8) as c:
+        host = c.hosts[c.named(("encode",))[0]]
+        release = threading.Event()
+        blocker = asyncio.create_task(host.ctx.compute.run(release.wait, 30))  # the tower is busy
+        tasks = [asyncio.create_task(collect(c.stub, chat(f"burst {i}", [png_bytes(30 + i)], 3))) for i in range(4)]
+        book = c.parts["cluster"].book
+        for _ in range(6000):  # until all four encode tasks are queued (the tower is still busy)
+            if sum(1 for _, stage in book if stage == "encode") == 4:
+                break
+            await asyncio.sleep(0.01)
+        prefills = c.named(("prefill",))
+        booked = {name: [rid for rid, stage in book.requests_on(name) if stage == "prefill"] for name in prefills}
+        decode = c.named(("decode",))[0]
+        assert sorted(len(v) for v in booked.values()) == [2, 2], booked
+        assert book.slots_used(decode) == 4
+        release.set()
+        await blocker
+        results = await asyncio.gather(*tasks)
+        for i, (tokens, _) in enumerate(results):
+            assert tokens == oracle.chat(f"burst {i}", [random_image(30 + i)], 3)
+        assert sorted(sum(c.worker(n, "prefill").batch_sizes) for n in prefills) == [2, 2]
+        assert len(book) == 0  # nothing left booked
+
+
 async def test_text_only_requests_never_touch_the_encoder(tiny_models, oracle):
     async with LocalCluster(tiny_models["llava"], [("encode",), ("prefill",), ("decode",)]) as c:
         encoder = c.worker(c.named(("encode",))[0], "encode")
