@@ -1,7 +1,9 @@
 """Adaptation benchmark (issue 7): a fixed configuration against adaptation by variants only, by
 vertical scaling only, and both, over a trace whose rate changes, in ONE run on this machine.
 
-What it does, in order:
+By default the trace is replayed against the LIVE system (`benchmarks/adapt_live.py`: a
+deployment per policy, the scheduler's adaptation loop acting in place). ``--model-only`` runs
+the earlier model of the pool instead, described below:
 
 1. **Measures** the small LLaVA's two variants on this machine, in this run: fp32 and bf16 of
    the same checkpoint (whole-pipeline variants), each request a prompt of `--prompt-tokens`
@@ -29,8 +31,9 @@ What it does, in order:
    processes); the live mechanics (variants, SetCompute, reordering) are tested in
    `tests/integration/test_adaptation.py`.
 
-    python benchmarks/adapt_bench.py --quick            # about a minute
-    python benchmarks/adapt_bench.py --out adapt.json   # the real numbers
+    python benchmarks/adapt_bench.py --quick                 # live, about 8 minutes
+    python benchmarks/adapt_bench.py --out adapt.json        # live, the real numbers (300 s per policy)
+    python benchmarks/adapt_bench.py --model-only --quick    # the model of the pool, about a minute
 """
 from __future__ import annotations
 
@@ -178,8 +181,17 @@ def main() -> None:
     ap.add_argument("--max-cores", type=int, default=min(2, len(os.sched_getaffinity(0))))
     ap.add_argument("--accuracy-file", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--model-only", action="store_true", help="replay through a model of the pool, not the live system")
+    ap.add_argument("--log-dir", type=Path, default=None, help="live: where the deployments' logs and profiles go")
     args = ap.parse_args()
     started = time.time()
+    if not args.model_only:
+        from benchmarks.adapt_live import main_live
+
+        if args.duration_s == 1800.0:
+            args.duration_s = 300.0  # live: seconds of replay per policy
+        finish_report(main_live(args, started), args.out, started)
+        return
     batches = [1, 2, 4]
     prompt, new = (32, 4) if args.quick else (128, 16)
     reps = 1 if args.quick else 3

@@ -1,0 +1,227 @@
+"""The LIVE path of `benchmarks/adapt_bench.py` (issue 7): the fixed configuration against
+adaptation by variants only, by vertical scaling only, and both, each replaying the same
+time-varying trace against a whole deployment on this machine (`prism.launch.Deployment`:
+Redis, workers and scheduler as processes), the scheduler's adaptation loop (``--adapt``) acting
+live: SetCompute in place, variant routing weights, drains and the launcher's restarts.
+
+1. **Profile, live.** One deployment serving the small LLaVA as two whole-pipeline variants,
+   ``fp32`` and ``bf16`` (one checkpoint, two dtypes; one colocated worker each). For each variant,
+   cores in {1, 2} and batch in {1, 2}: its worker is given the share by SetCompute and ``b``
+   concurrent requests pinned to it are timed end to end (the median of `reps`). That table is
+   the adaptation loop's variants file. **Accuracy**: the eval prompts are answered by each
+   variant; a variant's accuracy is the fraction of its tokens equal to fp32's at the same
+   position (agreement with the larger variant is the label on random-weight models; fp32 is
+   1.0 by definition).
+2. **Trace.** A window of `--trace` time-scaled so that its mean rate is `--load` times what fp32
+   on one core carries; its peaks exceed that.
+3. **Policies**, each on a fresh deployment (same start state): ``fixed`` -- fp32, one worker of
+   one core (sized for the mean rate), no loop; ``variants`` -- fp32 and bf16, the loop choosing
+   the mix on one core in all; ``vertical`` -- fp32 alone, the loop choosing 1 or 2 cores and the
+   batch; ``both`` -- fp32 and bf16, 1 or 2 cores, up to 2 cores in all. Requests pin nothing
+   and carry their send time (the SDK's ``sent_unix_ms``).
+4. **Figures** per policy: SLO violations (requests whose end-to-end time from their scheduled
+   arrival exceeds the SLO, failures included), mean accuracy (of the variant that served each
+   request), cost in core-seconds (fixed: its one core x the replay; adaptive: the loop's integral
+   of the applied configuration's cores, `GetStatus.adaptation.core_seconds`, over the replay).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.common import say
+
+PROMPT = "Describe the picture of the harbour at dawn in a few words please"
+
+
+def _tokens(done) -> list[int]:
+    return list(done.token_ids)
+
+
+async def _timed_batch(address: str, variant: str, b: int, new: int) -> float:
+    from prism.client import AsyncPrismClient
+
+    async with AsyncPrismClient(address) as client:
+        t = time.perf_counter()
+        await asyncio.gather(*(client.complete(f"{PROMPT} {k}", max_new_tokens=new, ignore_eos=True, variant=variant)
+                               for k in range(b)))
+        return (time.perf_counter() - t) * 1000
+
+
+def _set_share(d, variant: str, cores: int, batch: int) -> None:
+    import grpc
+
+    from prism.v1 import worker_pb2, worker_pb2_grpc
+
+    st = d.status()
+    for w in st.workers:
+        if d.started.get(w.name, ((), ""))[1] != variant:
+            continue
+        with grpc.insecure_channel(w.address) as ch:
+            stub = worker_pb2_grpc.WorkerAdminServiceStub(ch)
+            allowed = list(stub.GetCompute(worker_pb2.GetComputeRequest()).allowed_cpus)
+            cpus = allowed[:cores]
+            stub.SetCompute(worker_pb2.SetComputeRequest(share=worker_pb2.ComputeShare(
+                threads=len(cpus), cpus=cpus, max_batch=batch)))
+
+
+def profile_live(model_dir: Path, log_dir: Path, cores: list[int], batches: list[int], new: int, reps: int,
+                 eval_n: int) -> tuple[dict, dict]:
+    """({variant: {cores: {batch: ms}}}, {variant: accuracy}) measured through a live deployment."""
+    from prism.client import PrismClient
+    from prism.launch import Deployment, DeploymentOptions
+
+    opts = DeploymentOptions(model_dir=model_dir, threads=1, slots=8, max_len=512, log_dir=log_dir, layout="colocated",
+                             variants=(f"fp32={model_dir}:1.0", f"bf16={model_dir}:1.0"),
+                             variant_dtypes={"bf16": "bfloat16"})
+    tables: dict = {}
+    with Deployment(opts) as d:
+        for v in ("fp32", "bf16"):
+            asyncio.run(_timed_batch(d.address, v, 1, new))  # warm
+            for c in cores:
+                for b in batches:
+                    _set_share(d, v, c, b)
+                    ms = sorted(asyncio.run(_timed_batch(d.address, v, b, new)) for _ in range(reps))[reps // 2]
+                    tables.setdefault(v, {}).setdefault(c, {})[b] = round(ms, 1)
+                    say(f"  live {v} cores={c} batch={b}: {ms:.0f} ms")
+        agree = total = 0
+        with PrismClient(d.address) as client:
+            for k in range(eval_n):
+                prompt = f"eval question {k}: what is shown?"
+                ref = _tokens(client.complete(prompt, max_new_tokens=new, ignore_eos=True, variant="fp32"))
+                got = _tokens(client.complete(prompt, max_new_tokens=new, ignore_eos=True, variant="bf16"))
+                agree += sum(a == b for a, b in zip(ref, got))
+                total += len(ref)
+    return tables, {"fp32": 1.0, "bf16": round(agree / max(total, 1), 4)}
+
+
+async def _replay(address: str, arrivals: list[float], new: int, slo_ms: float, accuracy: dict) -> dict:
+    from prism.client import AsyncPrismClient
+
+    loop = asyncio.get_running_loop()
+    out: list[tuple[float, str, bool]] = []
+    async with AsyncPrismClient(address) as client:
+        t0 = loop.time() + 0.2
+
+        async def one(k: int, at: float) -> None:
+            await asyncio.sleep(max(0.0, t0 + at - loop.time()))
+            try:
+                done = await client.complete(f"{PROMPT} {k % 16}", max_new_tokens=new, ignore_eos=True, timeout=120)
+                out.append(((loop.time() - t0 - at) * 1000, done.variant or "fp32", True))
+            except Exception:  # noqa: BLE001 - a failure is a violation
+                out.append(((loop.time() - t0 - at) * 1000, "", False))
+
+        await asyncio.gather(*(one(k, at) for k, at in enumerate(arrivals)))
+    ok = [(ms, v) for ms, v, good in out if good]
+    lat = sorted(ms for ms, _ in ok)
+    return {"requests": len(out), "failed": len(out) - len(ok),
+            "slo_violations": sum(1 for ms, _, good in out if not good or ms > slo_ms),
+            "mean_accuracy": round(statistics.fmean(accuracy[v] for _, v in ok), 4) if ok else None,
+            "served_by": {v: sum(1 for _, x in ok if x == v) for v in sorted({x for _, x in ok})},
+            "e2e_p50_ms": round(lat[len(lat) // 2], 1) if lat else None,
+            "e2e_p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None}
+
+
+def run_policy(name: str, model_dir: Path, log_dir: Path, variants: list[str], profile: Path | None, adapt_args: list[str],
+               arrivals: list[float], new: int, slo_ms: float, accuracy: dict) -> dict:
+    from prism.launch import Deployment, DeploymentOptions
+
+    spec = tuple(f"{v}={model_dir}:{accuracy[v]}" for v in variants)
+    sched = ["--adapt", f"--adapt-profile={profile}", f"--adapt-slo-ms={slo_ms}", *adapt_args] if profile else []
+    opts = DeploymentOptions(model_dir=model_dir, threads=1, slots=8, max_len=512, log_dir=log_dir, layout="colocated",
+                             variants=spec, variant_dtypes={"bf16": "bfloat16"} if "bf16" in variants else {},
+                             extra_args={"scheduler": sched})
+    with Deployment(opts) as d:
+        if profile:  # the loop's first configuration applied (and its drains followed by the launcher)
+            until = time.monotonic() + 60
+            while not d.status().adaptation.changes and time.monotonic() < until:
+                time.sleep(0.2)
+            time.sleep(2.0)
+        before = d.status().adaptation.core_seconds if profile else 0.0
+        t = time.monotonic()
+        res = asyncio.run(_replay(d.address, arrivals, new, slo_ms, accuracy))
+        span = time.monotonic() - t
+        st = d.status().adaptation
+        res["cost_core_s"] = round(st.core_seconds - before, 1) if profile else round(1 * span, 1)
+        res["replay_s"] = round(span, 1)
+        if profile:
+            res["adaptation"] = {"solves": st.solves, "changes": st.changes, "errors": st.errors,
+                                 "last": [(w.variant, w.replicas, w.cores, w.max_batch) for w in st.workers]}
+    say(f"  {name}: {json.dumps({k: res[k] for k in ('slo_violations', 'mean_accuracy', 'cost_core_s')})}")
+    return res
+
+
+def main_live(args, started: float) -> dict:
+    """The live benchmark; returns the report (adapt_bench prints it)."""
+    import random
+
+    from benchmarks.common import ensure_model
+    from prism.bench.trace import load_trace
+
+    work = Path(args.log_dir or "/tmp/prism-adapt-bench")
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = ensure_model()
+    cores, batches = [1, 2], [1, 2]
+    new = 4 if args.quick else 8
+    say("profiling the variants live (SetCompute shares, pinned requests)")
+    tables, accuracy = profile_live(model_dir, work / "profile", cores, batches, new, 1 if args.quick else 3,
+                                    4 if args.quick else 16)
+    if args.accuracy_file:
+        accuracy.update(json.loads(Path(args.accuracy_file).read_text()))
+    files = {}
+    for name, vs in (("both", ["fp32", "bf16"]), ("fp32", ["fp32"])):
+        files[name] = work / f"variants-{name}.json"
+        files[name].write_text(json.dumps({"variants": [
+            {"name": v, "stage": "pipeline", "accuracy": accuracy[v],
+             "table": {str(c): {str(b): ms for b, ms in row.items()} for c, row in tables[v].items()}} for v in vs]}))
+    base_ms = tables["fp32"][1][1]
+    slo_ms = round(args.slo_factor * base_ms, 1)
+    fp32_rps = max(1000.0 * b / tables["fp32"][1][b] for b in batches)
+    duration = 60.0 if args.quick else min(args.duration_s, 600.0)
+    reqs = load_trace(args.trace, duration_s=duration * 30)  # a stretch of the trace, its shape kept
+    span = max(r.arrival_s for r in reqs) or 1.0
+    rng = random.Random(0)
+    picked = sorted(r.arrival_s for r in reqs if rng.random() < 1.0)
+    factor = duration / span
+    arrivals = [a * factor for a in picked]
+    mean = len(arrivals) / duration
+    keep = min(1.0, args.load * fp32_rps / mean)  # thin the trace to the mean rate wanted
+    arrivals = [a for a in arrivals if rng.random() < keep]
+    mean = len(arrivals) / duration
+    win = [sum(1 for a in arrivals if w <= a < w + 5) / 5 for w in range(0, int(duration), 5)]
+    common = [f"--adapt-period-s={args.period_s or 3}", "--adapt-window-s=1.5", "--adapt-windows=4",
+              "--adapt-horizon-s=3", "--adapt-stable-steps=2", "--adapt-min-gain=0.5", "--adapt-max-replicas=1",
+              f"--adapt-batches={','.join(map(str, batches))}", "--adapt-headroom=0.1"]
+    policies = {
+        "fixed": (["fp32"], None, []),
+        "variants": (["fp32", "bf16"], files["both"], common + ["--adapt-cores=1", "--adapt-total-cores=1"]),
+        "vertical": (["fp32"], files["fp32"], common + ["--adapt-cores=1,2", "--adapt-total-cores=2"]),
+        "both": (["fp32", "bf16"], files["both"], common + ["--adapt-cores=1,2", "--adapt-total-cores=2"]),
+    }
+    results = {}
+    for name, (vs, prof, extra) in policies.items():
+        say(f"replaying {len(arrivals)} requests over {duration:.0f} s: {name}")
+        results[name] = run_policy(name, model_dir, work / name, vs, prof, extra, arrivals, new, slo_ms, accuracy)
+    base = results["fixed"]
+    for r in results.values():
+        r["violation_reduction"] = (round(1 - r["slo_violations"] / base["slo_violations"], 3)
+                                    if base["slo_violations"] else None)
+        r["cost_vs_fixed"] = round(r["cost_core_s"] / base["cost_core_s"], 3) if base["cost_core_s"] else None
+    both = results["both"]
+    return {
+        "benchmark": "adapt_bench", "mode": "live", "quick": args.quick,
+        "model": {"dir": str(model_dir), "new_tokens": new, "profile_ms": {v: tables[v] for v in tables},
+                  "accuracy": accuracy, "accuracy_source": str(args.accuracy_file) if args.accuracy_file else
+                  "token agreement with fp32 on eval prompts, measured live (random weights: fp32 is the label)"},
+        "trace": {"file": str(args.trace), "requests": len(arrivals), "seconds": duration, "mean_rps": round(mean, 3),
+                  "peak_5s_rps": round(max(win), 3), "fp32_one_core_rps": round(fp32_rps, 3)},
+        "slo_ms": slo_ms, "policies": results,
+        "goal": {"violation_reduction_at_least": 0.65, "cost_at_most_fixed": True,
+                 "met": bool(both["violation_reduction"] is not None and both["violation_reduction"] >= 0.65
+                             and both["cost_vs_fixed"] is not None and both["cost_vs_fixed"] <= 1.0)},
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "loadavg_start": os.getloadavg()[0]},
+    }
