@@ -104,6 +104,7 @@ async def _replay(address: str, arrivals: list[float], new: int, slo_ms: float, 
 
     loop = asyncio.get_running_loop()
     out: list[tuple[float, str, bool]] = []
+    errors: list[str] = []
     async with AsyncPrismClient(address) as client:
         t0 = loop.time() + 0.2
 
@@ -112,13 +113,16 @@ async def _replay(address: str, arrivals: list[float], new: int, slo_ms: float, 
             try:
                 done = await client.complete(f"{PROMPT} {k % 16}", max_new_tokens=new, ignore_eos=True, timeout=120)
                 out.append(((loop.time() - t0 - at) * 1000, done.variant or "fp32", True))
-            except Exception:  # noqa: BLE001 - a failure is a violation
+            except Exception as exc:  # noqa: BLE001 - a failure is a violation
+                errors.append(f"{getattr(getattr(exc, 'code', None), 'name', type(exc).__name__)}: "
+                              f"{str(getattr(exc, 'message', exc))[:120]}")
                 out.append(((loop.time() - t0 - at) * 1000, "", False))
 
         await asyncio.gather(*(one(k, at) for k, at in enumerate(arrivals)))
     ok = [(ms, v) for ms, v, good in out if good]
     lat = sorted(ms for ms, _ in ok)
     return {"requests": len(out), "failed": len(out) - len(ok),
+            "errors": {e: errors.count(e) for e in sorted(set(errors))},
             "slo_violations": sum(1 for ms, _, good in out if not good or ms > slo_ms),
             "mean_accuracy": round(statistics.fmean(accuracy[v] for _, v in ok), 4) if ok else None,
             "served_by": {v: sum(1 for _, x in ok if x == v) for v in sorted({x for _, x in ok})},
