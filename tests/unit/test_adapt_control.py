@@ -17,6 +17,7 @@ from services.scheduler.core.adapt import (
     Weights,
     carries,
     diff,
+    shortfall,
 )
 
 
@@ -181,3 +182,49 @@ def test_adapter_variants_mode_and_carries():
     assert not carries(new, a.variants, 60.0, 1000.0)
     with pytest.raises(ValueError, match="mode"):
         AdapterSettings(slo_ms=1.0, mode="both")
+
+
+# batch 2 on one core: 150 ms a batch, 13.3 req/s; batch 1: 100 ms, 10 req/s
+BATCHED = VariantProfile("batched", "prefill", 0.9, LatencyModel({1: {1: 100.0, 2: 150.0}}))
+
+
+def batched_adapter(clock, **kw):
+    settings = AdapterSettings(**{"slo_ms": 400.0, "period_s": 10.0, "horizon_s": 0.0, "min_gain": 0.5,
+                                  "stable_steps": 2, "mode": "variants", **kw})
+    return Adapter({"prefill": [BATCHED]}, settings,
+                   Bounds(max_replicas={"*": 1}, batches={"*": (1, 2)}, cores={"*": (1,)}, total_cores=1, headroom=0.0),
+                   Weights(accuracy=10.0), RateForecaster(window_s=10, windows=2, margin=0.0), clock)
+
+
+def test_shortfall_names_capacity_or_latency_and_an_idle_pipeline_owes_no_batch_wait():
+    b2 = PipelineConfig({"prefill": StageChoice("batched", 2, 1, 1)}, 0.9, 1, 150.0)
+    variants = {"prefill": [BATCHED]}
+    assert shortfall(b2, variants, 0.0, 400.0) is None  # nothing arrives: nothing waits (was: infinite wait)
+    assert carries(b2, variants, 0.0, 400.0)
+    assert shortfall(b2, variants, 4.0, 400.0) is None  # 150 + 1000/4 = 400 ms: fits; at 3 req/s it does not
+    assert shortfall(b2, variants, 3.0, 400.0) == "latency"
+    assert shortfall(b2, variants, 10.0, 400.0) is None  # 150 + 100 ms
+    assert shortfall(b2, variants, 14.0, 400.0) == "capacity"  # 13.3 req/s at most
+
+
+def test_adapter_keeps_its_configuration_when_the_load_stops():
+    """The flap of the live run: solved for 12 req/s (batch 2), then nothing arrives; before,
+    the forecast of 0 req/s made any batch above 1 'unable to carry' and the adapter switched."""
+    clock = Clock()
+    a = batched_adapter(clock)
+    adopted = run_rate(a, clock, 12, 10)
+    assert [(t, c.stages["prefill"].batch) for t, c in adopted] == [(1.0, 2)]
+    adopted = run_rate(a, clock, 0, 40)
+    assert adopted == [] and a.current.stages["prefill"].batch == 2
+    assert a.last_reason == "unchanged" or a.last_reason.startswith("gain")
+
+
+def test_adapter_waits_stable_solves_when_only_the_latency_misses():
+    """A rate the batch bound cannot fill in time (latency, not capacity): the smaller batch is
+    adopted only once it was proposed `stable_steps` solves in a row."""
+    clock = Clock()
+    a = batched_adapter(clock)
+    run_rate(a, clock, 12, 10)
+    adopted = run_rate(a, clock, 3, 30)  # 3 req/s: batch 2 takes 150 + 333 ms > 400 ms
+    assert [(t, c.stages["prefill"].batch) for t, c in adopted] == [(31.0, 1)]
+    assert a.last_reason == "over the slo at 3.00 req/s for 2 solves"

@@ -38,7 +38,7 @@ def random_bounds(rng: random.Random, stages) -> Bounds:
 
 
 def latency(v, b, c, rate):
-    return v.latency_ms(b, c) + (0.0 if b == 1 else (math.inf if rate <= 0 else 1000.0 * (b - 1) / rate))
+    return v.latency_ms(b, c) + (0.0 if b == 1 or rate <= 0 else 1000.0 * (b - 1) / rate)  # at rate 0 nothing waits
 
 
 # -- IPA ------------------------------------------------------------------------------------------

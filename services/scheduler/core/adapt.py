@@ -16,7 +16,7 @@ of each request's budget. No gRPC, Redis or torch: numpy and scipy (HiGHS throug
   cores and a batch size meeting a remaining budget);
 * `adapt_control` -- `RateForecaster` (linear fit over recent windows, max with the last, plus a
   margin), `Adapter` (re-solve on a schedule, hysteresis), `diff` (the `Action` list, safe order),
-  `carries` (does a configuration carry a rate).
+  `carries` and `shortfall` (does a configuration carry a rate; if not, why).
 
 Use::
 
@@ -30,7 +30,15 @@ Use::
 Papers: InfAdapter (arXiv 2304.10892), IPA (Ghafouri et al., "IPA: Inference Pipeline
 Adaptation", 2023), Sponge (arXiv 2404.00704).
 """
-from services.scheduler.core.adapt_control import Action, Adapter, AdapterSettings, RateForecaster, carries, diff
+from services.scheduler.core.adapt_control import (
+    Action,
+    Adapter,
+    AdapterSettings,
+    RateForecaster,
+    carries,
+    diff,
+    shortfall,
+)
 from services.scheduler.core.adapt_model import (
     ADAPT_STAGES,
     Bounds,
@@ -62,6 +70,6 @@ __all__ = [
     "ADAPT_STAGES", "Action", "Adapter", "AdapterSettings", "Bounds", "Infeasible", "Latency", "LatencyModel",
     "Option", "PipelineConfig", "RateForecaster", "StageChoice", "VariantProfile", "Weights",
     "batch_for_budget", "batch_wait_ms", "budget_order_key", "carries", "diff", "from_prism_profile",
-    "load_profile", "pipeline_options", "remaining_budget_ms", "required_replicas", "solve_pipeline",
+    "load_profile", "pipeline_options", "remaining_budget_ms", "required_replicas", "shortfall", "solve_pipeline",
     "solve_variants", "solve_vertical", "stage_latency_ms",
 ]

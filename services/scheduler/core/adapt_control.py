@@ -10,9 +10,12 @@ so far in the current one is used.
 
 `Adapter` -- every `period_s` it forecasts the rate and re-solves (`solve_pipeline`, or
 `solve_variants` per stage). A new configuration replaces the current one when (a) the current
-cannot carry the forecast (too little capacity, or the SLO missed at that rate) -- at once --, or
-(b) it differs and is better by at least `min_gain` of objective (cores) for `stable_steps`
-consecutive solves in a row (no flapping on noise; scaling down waits). `diff` lists the
+cannot carry the forecast for lack of capacity -- at once --, (b) the current has the capacity
+but misses the SLO at that rate (a batch bound too large for the rate to fill in time) and the
+same new configuration is proposed for `stable_steps` solves in a row, or (c) it differs and is
+better by at least `min_gain` of objective (cores) for `stable_steps` solves in a row (no
+flapping on noise; scaling down waits). At rate 0 nothing waits for a batch to fill
+(`batch_wait_ms`), so an idle pipeline keeps its configuration. `diff` lists the
 actions from one configuration to the next in an order that never drops capacity below what is
 needed: start what is new and scale up first, then set cores and batch sizes (in place, between
 batches; a new worker's too), then traffic shares, and stop or scale down last; a stopped worker
@@ -38,7 +41,7 @@ from services.scheduler.core.adapt_model import (
 )
 from services.scheduler.core.adapt_solve import solve_pipeline, solve_variants
 
-__all__ = ["Action", "Adapter", "AdapterSettings", "RateForecaster", "carries", "diff"]
+__all__ = ["Action", "Adapter", "AdapterSettings", "RateForecaster", "carries", "diff", "shortfall"]
 
 
 class RateForecaster:
@@ -86,11 +89,12 @@ class RateForecaster:
         return max(pred, last, 0.0) * (1 + self.margin)
 
 
-def carries(config: PipelineConfig, variants: Mapping[str, Sequence[VariantProfile]], rate_rps: float,
-            slo_ms: float, headroom: float = 0.0) -> bool:
-    """Whether `config` carries `rate_rps` within `slo_ms` on the latency model: each stage's
-    workers have the capacity (plus `headroom`) and the end-to-end latency fits (a mix: its
-    traffic split in proportion to the configured shares, the slowest variant counting)."""
+def shortfall(config: PipelineConfig, variants: Mapping[str, Sequence[VariantProfile]], rate_rps: float,
+              slo_ms: float, headroom: float = 0.0) -> str | None:
+    """Why `config` does not carry `rate_rps` within `slo_ms` on the latency model: ``"capacity"``
+    (a stage's workers, plus `headroom`, serve fewer requests/s than they get), ``"latency"``
+    (capacity enough, the end-to-end latency over the SLO: a mix's traffic split in proportion to
+    its shares, the slowest variant counting), or None when it carries it."""
     total = 0.0
     for stage in config.stages:
         by_name = {v.name: v for v in variants[stage]}
@@ -103,11 +107,18 @@ def carries(config: PipelineConfig, variants: Mapping[str, Sequence[VariantProfi
             r = rate_rps * frac
             service = by_name[w.variant].latency_ms(w.batch, w.cores)
             if w.replicas * 1000.0 * w.batch / service < r * (1 + headroom) - 1e-9:
-                return False
+                return "capacity"
             if r > 0 or len(workers) == 1:
                 worst = max(worst, service + batch_wait_ms(w.batch, r))
         total += worst
-    return total <= slo_ms + 1e-9
+    return None if total <= slo_ms + 1e-9 else "latency"
+
+
+def carries(config: PipelineConfig, variants: Mapping[str, Sequence[VariantProfile]], rate_rps: float,
+            slo_ms: float, headroom: float = 0.0) -> bool:
+    """Whether `config` carries `rate_rps` within `slo_ms` on the latency model: each stage's
+    workers have the capacity (plus `headroom`) and the end-to-end latency fits (`shortfall`)."""
+    return shortfall(config, variants, rate_rps, slo_ms, headroom) is None
 
 
 @dataclass(frozen=True)
@@ -242,7 +253,8 @@ class Adapter:
     def consider(self, new: PipelineConfig, rate_rps: float) -> PipelineConfig | None:
         """The hysteresis rule on a freshly solved `new` (module docstring)."""
         cur = self.current
-        if cur is None or not carries(cur, self.variants, rate_rps, self.settings.slo_ms):
+        short = None if cur is None else shortfall(cur, self.variants, rate_rps, self.settings.slo_ms)
+        if cur is None or short == "capacity":
             self._adopt(new, "no configuration" if cur is None else f"current cannot carry {rate_rps:.2f} req/s")
             return new
         if _same(cur, new):
@@ -251,7 +263,7 @@ class Adapter:
             return None
         current_obj = self.weights.cost * cur.cost_cores - self.weights.accuracy * cur.expected_accuracy
         gain = current_obj - new.objective
-        if gain < self.settings.min_gain:
+        if short is None and gain < self.settings.min_gain:
             self._pending, self._pending_count = None, 0
             self.last_reason = f"gain {gain:.3f} < min_gain {self.settings.min_gain}"
             return None
@@ -259,10 +271,11 @@ class Adapter:
             self._pending_count += 1
         else:
             self._pending, self._pending_count = new, 1
+        why = f"over the slo at {rate_rps:.2f} req/s" if short else f"better by {gain:.3f}"
         if self._pending_count < self.settings.stable_steps:
-            self.last_reason = f"better by {gain:.3f}, seen {self._pending_count}/{self.settings.stable_steps}"
+            self.last_reason = f"{why}, seen {self._pending_count}/{self.settings.stable_steps}"
             return None
-        self._adopt(new, f"better by {gain:.3f} for {self.settings.stable_steps} solves")
+        self._adopt(new, f"{why} for {self.settings.stable_steps} solves")
         return new
 
     def _adopt(self, new: PipelineConfig, reason: str) -> None:

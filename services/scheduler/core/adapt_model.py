@@ -19,7 +19,7 @@ scales with cores, Sponge's assumption) and fits alpha and beta on what remains.
 A request's latency at a stage (the programs' model) is one batch's service time plus the wait
 to form the batch from arrivals at ``rate`` requests/s: ``(b - 1) / rate`` (the first request of a
 batch waits for ``b - 1`` more; stage queues are shared by every worker of the stage, so the
-batch forms at the stage's whole rate).
+batch forms at the stage's whole rate); at rate 0 nothing waits (``batch_wait_ms``).
 """
 from __future__ import annotations
 
@@ -326,11 +326,13 @@ class Weights:
 
 
 def batch_wait_ms(batch: int, rate_rps: float) -> float:
-    """The wait to form a batch of `batch` at `rate_rps` arrivals/s: ``(batch - 1) / rate``
-    (0 for a batch of 1; infinite for larger batches when nothing arrives)."""
-    if batch <= 1:
+    """The wait to form a batch of `batch` at `rate_rps` arrivals/s: ``(batch - 1) / rate`` (a
+    batch fills at the rate it gets). 0 for a batch of 1, and 0 when nothing arrives: a batch
+    size is a bound, a worker serves what is queued and never waits for a batch to fill, so at
+    rate 0 no wait is owed (no request is there to wait)."""
+    if batch <= 1 or rate_rps <= 0:
         return 0.0
-    return math.inf if rate_rps <= 0 else 1000.0 * (batch - 1) / rate_rps
+    return 1000.0 * (batch - 1) / rate_rps
 
 
 def stage_latency_ms(model: Latency, batch: int, cores: int, rate_rps: float) -> float:
