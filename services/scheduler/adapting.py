@@ -9,11 +9,15 @@ replica targets, drains).
   cores and batch, set shares, drain last) and applied; nothing in flight is dropped (see the
   applier);
 * the first configuration also drains the variants running before it that it leaves out;
+* a variant left out loses its traffic at once but keeps its workers until the applier's
+  `settle` (called every tick) drains them: once the configuration's variants are live and after
+  the applier's stop delay; one brought back before then restarts nothing;
 * workers that appear later (started for the configuration, or restarted) get its cores and
   batch bound set on them at the next tick;
 * a failed application is counted and logged; the Adapter then forgets the configuration it
   adopted (the live system may be half-way), so the next re-solve applies a whole one again;
-* cost is kept as the integral of the applied configuration's cores over time (core-seconds).
+* cost is kept as the integral over time (core-seconds) of the applied configuration's cores
+  plus those of variants left out whose workers are not drained yet.
 
 Its state is what the admin API's ``GetStatus.adaptation`` and the ``prism_adapt_*`` metrics show.
 """
@@ -33,6 +37,9 @@ log = logging.getLogger(__name__)
 
 class Applies(Protocol):
     async def apply(self, actions: Any) -> list[str]: ...
+
+    # optional: ``async settle(now) -> list[str]`` (deferred drains) and ``pending_stops``
+    # ({(stage, variant): since}), see services.scheduler.applier.ConfigApplier
 
 
 @dataclass
@@ -71,28 +78,59 @@ class AdaptationLoop:
         self.state = LoopState()
         self.applied: PipelineConfig | None = None  # what the live system runs (as far as we know)
         self._since: float | None = None  # start of the current cost interval
+        #: The choice each (stage, variant) had when it was last configured: the cores of a
+        #: variant left out count until its workers are drained.
+        self._last_choice: dict[tuple[str, str], Any] = {}
 
     def arrived(self, count: float = 1.0) -> None:
         """`count` requests entered the pipeline now."""
         self.adapter.observe(count, self.clock())
 
+    def cores_now(self) -> int:
+        """Cores allocated now: the applied configuration's and those of variants left out whose
+        workers still run (the applier's pending stops)."""
+        if self.applied is None:
+            return 0
+        pending = getattr(self.applier, "pending_stops", {}) or {}
+        lingering = sum(self._last_choice[key].cost_cores for key in pending if key in self._last_choice)
+        return self.applied.cost_cores + lingering
+
     def _account(self, now: float) -> None:
         if self._since is not None and self.applied is not None:
-            self.state.core_seconds += self.applied.cost_cores * max(0.0, now - self._since)
+            self.state.core_seconds += self.cores_now() * max(0.0, now - self._since)
         self._since = now
 
     def core_seconds(self, now: float | None = None) -> float:
         """Cores allocated, integrated over time up to `now`."""
         now = self.clock() if now is None else now
-        extra = self.applied.cost_cores * max(0.0, now - self._since) if self.applied and self._since is not None else 0.0
+        extra = self.cores_now() * max(0.0, now - self._since) if self.applied and self._since is not None else 0.0
         return self.state.core_seconds + extra
+
+    async def _settle(self, now: float) -> list[str]:
+        """The applier's deferred drains (when it has them)."""
+        settle = getattr(self.applier, "settle", None)
+        if settle is None or self.applied is None:
+            return []
+        try:
+            return await settle(now)
+        except Exception as exc:  # noqa: BLE001 - a worker gone mid-drain: the next tick tries again
+            self.state.errors += 1
+            log.warning("adaptation: draining what the configuration left out failed: %s", exc)
+            return []
 
     async def tick(self, now: float | None = None) -> list[str] | None:
         """One round: re-solve if due and apply a new configuration. Returns the actions done
         when the configuration changed, else None."""
+        now = self.clock() if now is None else now
+        if self.applied is not None:
+            self._account(now)  # the interval ending now, at the cores allocated during it
+        done = await self._tick(now)
+        await self._settle(now)
+        return done
+
+    async def _tick(self, now: float) -> list[str] | None:
         from prism.runtime import metrics
 
-        now = self.clock() if now is None else now
         before = self.adapter.last_solve_s
         new = self.adapter.step(now)
         if self.adapter.last_solve_s == before:  # not due yet
@@ -119,7 +157,12 @@ class AdaptationLoop:
             log.warning("adaptation: applying %s failed: %s", [str(a) for a in actions], exc)
             return None
         self._account(now)
+        if self.applied is not None:
+            for stage in self.applied.stages:
+                self._last_choice.update({(stage, w.variant): w for w in self.applied.workers(stage)})
         self.applied = new
+        for stage in new.stages:
+            self._last_choice.update({(stage, w.variant): w for w in new.workers(stage)})
         self._live_at_apply = self.live() if self.live is not None else None
         self.state.changes += 1
         self.state.last_actions = [str(a) for a in actions]

@@ -79,7 +79,8 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
                              owner=config.server.worker_name, lease_s=config.request_lease_s, profile=profile,
                              selection_flow=config.selection_flow(), variants=variants, mix=mix)
     applier = ConfigApplier(cluster, mix, inflight=lambda: [p.adm.variant for p in pipeline.inflight.values()
-                                                             if p.adm is not None])
+                                                             if p.adm is not None],
+                            stop_delay_s=config.adapt.adapt_stop_delay_s)
     if config.adapt.adapt:
         served = {"pipeline": [name for name, _, _ in variant_list]} if variant_list else {}
         wanted = set(served.get("pipeline", ()))

@@ -6,16 +6,23 @@ adaptation core's actions (`services.scheduler.core.adapt.diff`) and the live sy
 * ``set_share``: the variant mix's routing weights (requests pinning no variant);
 * ``start`` / ``scale``: the replicas wanted per (stage, variant), handed to `on_replicas` (the
   launcher's scale loop, or an operator's hook); the count is also kept in `replicas`;
-* ``stop``: the variant's workers of that stage are DRAINED (they finish what they took; they
-  are never killed) and it takes no more traffic.
+* ``stop``: weights first, scale later. The variant takes no more traffic at once (weight 0),
+  but its workers keep running; `settle` (the loop calls it every tick) DRAINS them later (they
+  finish what they took; they are never killed) once (a) every variant the configuration keeps
+  has a live worker of each stage it serves, (b) no request of the variant is in flight, and
+  (c) it has been out for `stop_delay_s`. A configuration that brings the variant back before
+  then cancels the stop: its workers were never touched, nothing restarts. Workers above a
+  lowered replica count are drained by `settle` under the same (a).
 
 None of these fails or loses a request in flight: shares change between batches, routing
-weights only steer new requests, and a drained worker finishes its work.
+weights only steer new requests, a variant is never drained while the configuration's other
+variants have no live worker to take the traffic (the launcher's workers may still be starting),
+and a drained worker finishes its work.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,13 +41,19 @@ class ConfigApplier:
     def __init__(self, cluster: Cluster, mix: VariantMix | None = None, *,
                  channel_for: Callable[[str], grpc.aio.Channel] | None = None,
                  on_replicas: Callable[[str, str, int], Any] | None = None, timeout_s: float = 30.0,
-                 inflight: Callable[[], Iterable[str]] | None = None, stop_wait_s: float = 600.0):
+                 inflight: Callable[[], Iterable[str]] | None = None, stop_delay_s: float = 0.0,
+                 clock: Callable[[], float] | None = None):
         self.cluster, self.mix = cluster, mix
         #: The variants of the requests in flight (one per request), so that a variant is drained
         #: only once nothing of it is queued: a drained worker finishes what it took, but tasks
         #: still waiting in its own queue would have no other worker of their variant.
         self.inflight = inflight
-        self.stop_wait_s = stop_wait_s
+        #: Seconds a variant left out of the configuration keeps its (idle) workers before they
+        #: are drained: a configuration bringing it back meanwhile restarts nothing.
+        self.stop_delay_s = stop_delay_s
+        self.clock = clock or time.monotonic
+        #: (stage, variant) left out of the configuration, not drained yet -> when it was left out.
+        self.pending_stops: dict[tuple[str, str], float] = {}
         self._channel_for = channel_for
         self._own: dict[str, grpc.aio.Channel] = {}
         self.on_replicas = on_replicas
@@ -90,8 +103,10 @@ class ConfigApplier:
 
     async def apply(self, actions: Iterable[Any]) -> list[str]:
         """Carries out `actions` (objects with kind, stage, variant, value, as `diff` makes them),
-        in order; returns what was done."""
+        in order; returns what was done. Stops only take the variant's traffic away; `settle`
+        drains it later (module docstring)."""
         shares: dict[str, float] = {}
+        stopped: set[str] = set()
         done: list[str] = []
         for a in actions:
             kind, stage, variant = a.kind, a.stage, a.variant
@@ -105,29 +120,67 @@ class ConfigApplier:
                     done.append(f"{inst.name}: {kind} {a.value}")
             elif kind == "set_share":
                 shares[variant] = max(float(a.value), 0.0)
-                self._weigh(shares, done)
             elif kind in ("start", "scale"):
                 self.replicas[(stage, variant)] = int(a.value)
+                if self.pending_stops.pop((stage, variant), None) is not None:
+                    done.append(f"{stage}/{variant}: stop cancelled, its workers kept")
                 if self.on_replicas is not None:
                     await _maybe_await(self.on_replicas(stage, variant, int(a.value)))
                 done.append(f"{stage}/{variant}: {int(a.value)} replicas")
             elif kind == "stop":
                 self.replicas[(stage, variant)] = 0
-                shares[variant] = 0.0
-                self._weigh(shares, done)  # no new request picks it...
-                await self._settled(variant)  # ...and what it has in flight ends first
-                for inst in self.workers(stage, variant):
-                    await self.cluster.drain(inst.name)
-                    done.append(f"{inst.name}: drained")
-                if self.on_replicas is not None:
-                    await _maybe_await(self.on_replicas(stage, variant, 0))
+                shares[variant] = 0.0  # no new request picks it; settle drains it later
+                stopped.add(variant)
+                self.pending_stops.setdefault((stage, variant), self.clock())
+                done.append(f"{stage}/{variant}: out of the configuration, drained once the rest is live")
             else:
                 raise ValueError(f"unknown action kind {kind!r}")
+        kept = [v for v in shares if v not in stopped]
+        if kept and not any(shares[v] for v in kept):  # solved for no traffic: the kept variants share it
+            shares.update({v: 1.0 for v in kept})
+        self._weigh(shares, done)
         for line in done:
             log.info("adaptation: %s", line)
         self.log += done
         return done
 
+    def live_for(self, stage: str, variant: str) -> bool:
+        """Whether `variant` has a live, non-draining worker for `stage` (each of the stages, for
+        a whole-pipeline variant)."""
+        if stage != PIPELINE:
+            return bool(self.workers(stage, variant))
+        stages = {s for i in self.cluster.instances if i.variant == variant for s in i.stages}
+        return bool(stages) and all(self.workers(s, variant) for s in stages)
+
+    async def settle(self, now: float | None = None) -> list[str]:
+        """Drains what the configuration left out or above its replica counts, once that is safe
+        (module docstring); returns what was done."""
+        now = self.clock() if now is None else now
+        done: list[str] = []
+        kept = [(stage, v) for (stage, v), n in self.replicas.items() if n > 0]
+        if not all(self.live_for(stage, v) for stage, v in kept):
+            return done  # a kept variant's workers are still starting: the old ones carry its traffic
+        busy = set(self.inflight()) if self.inflight is not None else set()
+        for (stage, variant), since in list(self.pending_stops.items()):
+            if now - since < self.stop_delay_s or variant in busy:
+                continue
+            for inst in self.workers(stage, variant):
+                await self.cluster.drain(inst.name)
+                done.append(f"{inst.name}: drained")
+            del self.pending_stops[(stage, variant)]
+            if self.on_replicas is not None:
+                await _maybe_await(self.on_replicas(stage, variant, 0))
+        for stage, variant in kept:
+            n, groups = self.replicas[(stage, variant)], {}
+            for inst in self.workers(stage, variant):  # n of each kind of process (its stages)
+                groups.setdefault(inst.stages, []).append(inst)
+            for inst in [i for g in groups.values() for i in g[n:]]:  # its queued tasks go to the others
+                await self.cluster.drain(inst.name)
+                done.append(f"{inst.name}: drained (above {n} replicas)")
+        for line in done:
+            log.info("adaptation: %s", line)
+        self.log += done
+        return done
 
     def _weigh(self, shares: dict[str, float], done: list[str]) -> None:
         """The variant mix's weights with `shares` applied (kept when all would be 0)."""
@@ -138,15 +191,6 @@ class ConfigApplier:
         if any(weights.values()) and weights != dict(self.mix.weights):
             self.mix.set_weights(weights)
             done.append(f"variant weights {weights}")
-
-    async def _settled(self, variant: str) -> None:
-        """Wait (up to `stop_wait_s`) until no request of `variant` is in flight."""
-        if self.inflight is None:
-            return
-        loop = asyncio.get_running_loop()
-        until = loop.time() + self.stop_wait_s
-        while variant in set(self.inflight()) and loop.time() < until:
-            await asyncio.sleep(0.05)
 
 
 async def _maybe_await(value: Any) -> None:

@@ -97,6 +97,9 @@ class AdaptOptions:
     adapt_total_cores: int = field(default=16, metadata={"help": "most cores of all workers together"})
     adapt_headroom: float = field(default=0.1, metadata={"help": "capacity must exceed the forecast rate by this fraction"})
     adapt_min_accuracy: float = field(default=0.0, metadata={"help": "the configuration's expected accuracy is at least this"})
+    adapt_stop_delay_s: float = field(default=20.0, metadata={
+        "help": "seconds a variant left out of the configuration keeps its idle workers before they are drained "
+                "(taken back meanwhile: nothing restarts); never drained before the kept variants have live workers"})
 
     def __post_init__(self) -> None:
         check(self.adapt_mode in ADAPT_MODES, "adapt_mode", f"must be one of {', '.join(ADAPT_MODES)}")
@@ -106,7 +109,7 @@ class AdaptOptions:
         for name in ("adapt_period_s", "adapt_window_s"):
             check(getattr(self, name) > 0, name, "must be > 0")
         for name in ("adapt_margin", "adapt_horizon_s", "adapt_min_gain", "adapt_accuracy_weight",
-                     "adapt_cost_weight", "adapt_headroom"):
+                     "adapt_cost_weight", "adapt_headroom", "adapt_stop_delay_s"):
             check(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("adapt_windows", "adapt_stable_steps", "adapt_max_replicas", "adapt_total_cores"):
             check(getattr(self, name) >= 1, name, "must be >= 1")

@@ -130,3 +130,47 @@ def test_workers_appearing_later_get_the_configurations_cores_and_batch():
     assert run(loop.tick()) == [f"{STAGE}: set cores of big to 1", f"{STAGE}: set max batch of big to 1"]
     assert run(loop.tick()) is None
     assert (loop.state.solves, loop.state.changes) == (1, 1)
+
+
+class DeferringApplier(FakeApplier):
+    """Stops are deferred as the ConfigApplier defers them: `settle` drains when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending_stops: dict = {}
+        self.ready = False
+        self.settled: list[float] = []
+
+    async def apply(self, actions):
+        for a in actions:
+            if a.kind == "stop":
+                self.pending_stops[(a.stage, a.variant)] = 0.0
+            elif a.kind == "start":
+                self.pending_stops.pop((a.stage, a.variant), None)
+        return await super().apply(actions)
+
+    async def settle(self, now):
+        self.settled.append(now)
+        if self.ready:
+            self.pending_stops.clear()
+        return []
+
+
+def test_a_variant_left_out_costs_its_cores_until_it_is_drained():
+    clock, applier = Clock(), DeferringApplier()
+    loop = make_loop(clock, applier)
+    feed(loop, clock, 5, 0, 2)
+    run(loop.tick())  # t=2: big applied; small (never configured) left out: no cores of its own known
+    assert applier.settled == [2.0]
+    for second in range(2, 12):
+        feed(loop, clock, 20, second, second + 1)
+        run(loop.tick())  # t=12: small takes over, big keeps its worker (pending stop)
+    assert loop.applied.stages[STAGE].variant == "small" and ("pipeline", "big") in applier.pending_stops
+    clock.t = 15.0
+    run(loop.tick())
+    assert loop.cores_now() == 2 and loop.core_seconds() == pytest.approx(10.0 + 3 * 2)
+    applier.ready = True
+    clock.t = 16.0
+    run(loop.tick())  # drained at t=16: from then on, small's core only
+    clock.t = 20.0
+    assert loop.cores_now() == 1 and loop.core_seconds() == pytest.approx(10.0 + 4 * 2 + 4 * 1)
