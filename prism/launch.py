@@ -272,9 +272,12 @@ class Deployment:
 
     def scale_variants(self, status) -> dict[str, tuple[int, int]]:
         """The adaptation loop's replica targets per (stage, variant) (`GetStatus.adaptation`):
-        start workers up to each target; stop (drain, then exit) those above it and those the
-        scheduler drained. A whole-pipeline target ("pipeline") counts each of the layout's
-        process groups. Returns {"<variant>/<stages>": (before, after)}."""
+        start workers up to each target; stop (SIGTERM: finish, then exit) those the scheduler
+        drained. Workers above a target, or of a variant left out, are left running until the
+        scheduler drains them: it does so only once the variants it keeps have live workers and
+        nothing of theirs is queued (a worker stopped here first would leave its queued tasks and
+        the variant's traffic with no worker). A whole-pipeline target ("pipeline") counts each
+        of the layout's process groups. Returns {"<variant>/<stages>": (before, after)}."""
         o = self.options
         draining = {w.name for w in status.workers if w.draining}
         targets: dict[tuple[tuple[str, ...], str], int] = {}
@@ -293,8 +296,6 @@ class Deployment:
             before = len(active)
             while len(active) < want and not self._stopping.is_set():
                 active.append(self.start_worker(stages, variant))
-            while len(active) > want:
-                self.supervisor.stop(active.pop())  # SIGTERM: the worker drains, then exits
             if len(active) != before:
                 changes[f"{variant}/{'+'.join(stages)}"] = (before, len(active))
         return changes
