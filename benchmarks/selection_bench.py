@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import sys
@@ -74,8 +73,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--serial-model", action="store_true",
                    help="the selection program's serial model (every stage of every request in series) "
                         "instead of overlapping stages")
-    p.add_argument("--parallelism", type=float, default=float(os.cpu_count() or 1),
-                   help="cores the stage processes share (the selection program's overlap bound)")
+    p.add_argument("--parallelism", type=float, default=0.0,
+                   help="cores the stage processes share (the selection program's overlap bound; 0: none, "
+                        "the capacities measured live already carry the processes' contention)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--work-dir", type=Path, default=ROOT / ".bench" / "selection")
@@ -268,7 +268,7 @@ def main(argv=None) -> None:
     report = {
         "benchmark": "deadline-driven modality selection (issue 4)",
         "model": "llava small (fp32)", "layout": args.layout, "threads_per_worker": args.threads,
-        "selection_model": "serial" if args.serial_model else f"flow shop, parallelism {args.parallelism:g}",
+        "selection_model": "serial" if args.serial_model else f"stage queues, parallelism {args.parallelism or 'unbounded'}",
         "sequence": meta, "profile": profile_meta,
         "calibration": {"idle_e2e_ms_by_images": {str(k): rnd(v * 1000, 1) for k, v in idle.items()},
                         "sustainable_rate_per_s": round(1 / mean_s, 3), "deadline_x": args.deadline_x},

@@ -18,7 +18,6 @@ Used by `prism up`, `prism demo`, the end-to-end tests and the benchmarks.
 from __future__ import annotations
 
 import contextlib
-import os
 import logging
 import tempfile
 import threading
@@ -221,23 +220,13 @@ class Deployment:
         sched = ["--host", o.host, "--model-dir", str(o.model_dir), "--max-context", str(o.max_len),
                  *self._queue_args(), *self._tls_args(mutual=False), "--placement", o.placement, "--min-replicas", str(o.min_replicas),
                  "--max-replicas", str(o.max_replicas), "--request-lease-s", str(o.request_lease_s),
-                 *self._overlap_args(), *o.extra_args.get("scheduler", [])]
+                 *o.extra_args.get("scheduler", [])]
         if o.variants:
             sched += ["--variants", ",".join(o.variants)]
         if port or o.port:
             sched += ["--port", str(port or o.port)]
         return self.supervisor.start_service("scheduler", sched, env=self._queue_env("scheduler"),
                                              health_service="prism.v1.PrismService").address
-
-    def _overlap_args(self) -> list[str]:
-        """On CPU every process of this machine shares its cores: the stages' work overlaps at
-        most cores / threads per worker at once (the selection program's bound)."""
-        o = self.options
-        if o.device != "cpu" or any(a.startswith("--selection-parallelism") for a in o.extra_args.get("scheduler", [])):
-            return []
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        per_worker = o.threads or cores  # 0: torch's default, every core
-        return ["--selection-parallelism", str(max(1, cores // per_worker))]
 
     def kill(self, name: str) -> None:
         """SIGKILL one process (a crash: no drain, no deregistration)."""
@@ -249,11 +238,8 @@ class Deployment:
 
     def status(self, timeout: float = 5.0):
         """The scheduler's admin status (`GetStatusResponse`)."""
-        import grpc
-
-        from prism.v1 import admin_pb2, admin_pb2_grpc
-
         from prism.runtime.tls import sync_channel
+        from prism.v1 import admin_pb2, admin_pb2_grpc
 
         with sync_channel(self.address, self.client_tls) as channel:
             return admin_pb2_grpc.SchedulerAdminServiceStub(channel).GetStatus(admin_pb2.GetStatusRequest(),

@@ -256,13 +256,14 @@ class SimSelector:
                       options=None if st.options is None else {sid: s for sid, (s, _) in st.options.items()},
                       reassignable=self.reassignable(st), begun=self.begun(st),
                       encoded=not st.inputs.images or st.encode_done, prefilled=st.first_s is not None,
-                      generated=self.sim.generated(st))
+                      generated=self.sim.generated(st), encoding=st.encode_started,
+                      prefilling=st.prefill_started)
 
     def jobs(self) -> list:
         return [job_of(self.state(st), seq) for seq, st in enumerate(self.served.values())]
 
     def order(self, jobs: list) -> list[str]:
-        return serving_order(jobs, {rid for rid, st in self.served.items() if self.begun(st)})
+        return serving_order(jobs, {rid for rid, st in self.served.items() if self.begun(st)}, self.flow)
 
     # ---- arrivals ----------------------------------------------------------------------
     def admit(self, r: Any, now: float) -> Choice:

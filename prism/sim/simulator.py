@@ -232,6 +232,7 @@ class _Req:
     attempt: int = 1
     encode_tasks: list = field(default_factory=list)  # this attempt's
     encode_started: bool = False  # the scheduler saw a worker take one of its encode tasks
+    prefill_started: bool = False  # the scheduler saw a worker take its prefill task
     encode_done: bool = False
     reassigned: str | None = None  # a reassignment being carried out
     reassignments: int = 0
@@ -504,6 +505,10 @@ class Simulator:
         st.encoders = tuple(i.name for i in choice.encode)
         self._reqs[r.request_id] = st
         base = f"{r.request_id}/a{st.attempt}"
+        # The prefill and decode chosen now carry the load from now (live `Pipeline._attempt`).
+        self.book.add(f"{base}/prefill", "prefill", st.prefill, cost.prompt_tokens)
+        if r.max_new_tokens > 1:
+            self.book.add(f"{base}/decode", "decode", st.decode, r.max_new_tokens - 1)
         st.encode_tasks = []
         if choice.encode:
             groups: dict[str, int] = {}
@@ -542,10 +547,13 @@ class Simulator:
             if task.task_id in self._tasks:
                 self.book.finish(task.task_id, "encode")
                 del self._tasks[task.task_id]
+        base = f"{st.req.request_id}/a{st.attempt}"  # the load booked for its prefill and decode
+        self.book.finish(f"{base}/prefill", "prefill")
+        self.book.finish(f"{base}/decode", "decode")
         sid, st.reassigned = st.reassigned, None
         st.reassignments += 1
         st.attempt += 1
-        st.encode_started = False
+        st.encode_started = st.prefill_started = False
         strategy, inputs = st.options[sid]
         st.strategy, st.accuracy, st.inputs = sid, strategy.accuracy, inputs
         st.cost = self.cost_of(st.req, inputs)
@@ -585,6 +593,11 @@ class Simulator:
             st.decode_worker = worker
         if stage != "prefill":
             return
+
+        def prefill_started() -> None:  # the RUNNING event reaches the scheduler
+            if self._tasks.get(task.task_id, ("",))[0] == rid:
+                st.prefill_started = True
+        self._later(prefill_started)
         if st.req.max_new_tokens > 1 and st.decode_task is None:
             def queue_decode() -> None:
                 r, c = st.req, st.cost

@@ -70,6 +70,7 @@ class Progress:
     started: float = field(default_factory=time.time)
     adm: Admitted | None = None  # the request as being served (inputs as reduced now)
     encode_started: bool = False  # a worker began encoding this attempt's media
+    prefill_started: bool = False  # a worker began this attempt's prompt pass
     reassigned: Admitted | None = None  # set by the selector: serve these inputs instead
     reassignments: int = 0  # attempts ended by a reassignment (not failures)
 
@@ -297,7 +298,7 @@ class Pipeline:
             if stage == "prefill" or need_decode:
                 self.cluster.book.add(task_id, stage, inst.name, cost)
                 progress.booked[task_id] = stage
-        progress.encode_started = False
+        progress.encode_started = progress.prefill_started = False
         if items:
             started = time.perf_counter()
             sources = await self._encode(adm, base, progress, choice)
@@ -325,6 +326,7 @@ class Pipeline:
         first = None
         async for event in self._events(prefill_id, progress):
             if event.state is TaskState.RUNNING:
+                progress.prefill_started = True
                 await queue_decode()
             elif event.state is TaskState.READY:
                 first = int(event.detail["first_token"])

@@ -199,7 +199,8 @@ class Selector:
                       options=None if entry is None else {sid: o.strategy for sid, o in entry.options.items()},
                       reassignable=self._reassignable(rid, progress), begun=self._begun(progress),
                       encoded=not adm.prompt.items or progress.encode_ms > 0,
-                      prefilled=progress.first_at is not None, generated=len(progress.tokens))
+                      prefilled=progress.first_at is not None, generated=len(progress.tokens),
+                      encoding=progress.encode_started, prefilling=progress.prefill_started)
 
     def jobs(self) -> list[Job]:
         """Every request being served, as a job of the program."""
@@ -208,9 +209,10 @@ class Selector:
 
     def order(self, jobs: list[Job]) -> list[str]:
         """The serving order the program assumes (`serving_order`): requests a worker has begun
-        first, in arrival order; then priority, earliest deadline, arrival."""
+        first, in arrival order; then priority, earliest deadline, arrival (under stage queues:
+        each stage its running request first, then priority, earliest deadline, arrival)."""
         begun = {rid for rid, p in self.served.items() if self._begun(p)}
-        return serving_order(jobs, begun)
+        return serving_order(jobs, begun, self.flow)
 
     def _new_job(self, adm: Admitted, entry: Entry | None) -> Job:
         c = _full_cost(adm.prompt)
@@ -248,9 +250,11 @@ class Selector:
                                          flow=self.flow)
             if not decision.ok:
                 self.stats.refused += 1
+                rates = ", ".join(f"{s} {capacity[s]:.0f}" for s in ("encode", "prefill", "decode") if s in capacity)
                 raise StageError(getattr(grpc.StatusCode, decision.code),
                                  f"slo.deadline_ms: {decision.message} (selection.accuracy_floor "
-                                 f"{adm.accuracy_floor:g})", retry_after_s=decision.retry_after_s)
+                                 f"{adm.accuracy_floor:g}; {len(jobs)} requests in service; tokens/s: {rates})",
+                                 retry_after_s=decision.retry_after_s)
             candidate = await self.served_as(entry, decision.strategy) if entry is not None else adm
             try:
                 self.pipeline.admit(candidate, check_deadline=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import math
 
 import pytest
@@ -74,7 +75,15 @@ def finishes(ordered, picks, now, capacity=None, flow=None):
     shop (simulated stage by stage), no sooner than the running sum over the parallelism."""
     t, out = now, []
     free = {stage: now for stage in (flow.stages if flow else ())}
-    for x in picks:
+    ahead = {}  # (job index, stage): the work a stage does up to the job's (running jobs first)
+    if flow is not None and not flow.strict:
+        for stage in flow.stages:
+            total = now
+            for i in [i for i, j in enumerate(ordered) if stage in j.running] + \
+                     [i for i, j in enumerate(ordered) if stage not in j.running]:
+                total += picks[i].stage_seconds(capacity).get(stage, 0.0)
+                ahead[(i, stage)] = total
+    for i, x in enumerate(picks):
         t += x.seconds(capacity)
         if flow is None:
             out.append(t)
@@ -84,8 +93,7 @@ def finishes(ordered, picks, now, capacity=None, flow=None):
             if flow.strict:  # the job enters a stage when both it and the stage are free
                 at = free[stage] = max(at, free[stage]) + work.get(stage, 0.0)
             elif work.get(stage, 0.0):  # busy with the work before it; the job needs its own on top
-                free[stage] += work[stage]
-                at = max(at + work[stage], free[stage])
+                at = max(at + work[stage], ahead[(i, stage)])
         out.append(max(at, now + (t - now) / flow.parallelism))
     return out
 
@@ -138,13 +146,15 @@ def queues(draw, max_jobs=6, max_strategies=4):
             work = {"encode": draw(st.integers(0, 3)), "prefill": draw(st.integers(0, 3))}
             strategies.append(Strategy(FULL if m == 0 else f"s{m}", draw(acc), work_s=work))
         ids = [x.id for x in strategies]
+        reassignable = draw(st.sampled_from([True, True, True, False]))
         jobs.append(Job(
             f"j{i}", tuple(strategies),
             deadline=draw(st.none() | st.integers(now, now + 4 * n)),
             floor=draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0])),
-            reassignable=draw(st.sampled_from([True, True, True, False])),
+            reassignable=reassignable,
             current=draw(st.sampled_from(ids)),
-            priority=draw(st.sampled_from([0, 0, 1]))))
+            priority=draw(st.sampled_from([0, 0, 1])),
+            running=() if reassignable else draw(st.sampled_from([(), (), ("encode",), ("prefill",)]))))
     order = EDF
     if draw(st.booleans()):
         order = draw(st.permutations([j.request_id for j in jobs]))
@@ -227,6 +237,21 @@ def test_a_text_only_job_passes_images_being_encoded_unless_strict():
     strict = reassign([images, text], 0.0, order=["img", "txt"], flow=Flow(("encode", "prefill"), strict=True))
     assert not strict.feasible and [m.request_id for m in strict.misses] == ["txt"]
     assert strict.misses[0].earliest_finish == pytest.approx(5.0)
+
+
+def test_a_stage_serves_what_it_is_running_first_then_by_deadline():
+    """Under stage queues the serving order is the queues' (earliest deadline first), except that
+    a task a worker is running finishes first: a text-only arrival with an early deadline passes a
+    queued big prompt but not one being prefilled."""
+    big = (Strategy(FULL, 1.0, work_s={"prefill": 3.0, "decode": 0.5}),)
+    text = Job("txt", (Strategy(FULL, 1.0, work_s={"prefill": 0.5, "decode": 0.5}),), deadline=1.5)
+    flow = Flow(("prefill", "decode"))
+    queued = Job("big", big, deadline=10.0, reassignable=False)
+    passes = reassign([queued, text], 0.0, order=["txt", "big"], flow=flow)
+    assert passes.feasible and passes.finish["txt"] == pytest.approx(1.0)
+    running = replace(queued, running={"prefill"})
+    blocked = reassign([running, text], 0.0, order=["txt", "big"], flow=flow)
+    assert not blocked.feasible and blocked.misses[0].earliest_finish == pytest.approx(4.0)
 
 
 def test_admit_under_flow_fits_by_degrading_and_refuses_what_cannot_fit():

@@ -136,9 +136,12 @@ class Job:
     current: str = FULL
     priority: int = 0
     seq: int | None = None
+    running: frozenset[str] = frozenset()
+    """Stages a worker is on for it now: there it is served first (`Flow`; stages do not preempt)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategies", tuple(self.strategies))
+        object.__setattr__(self, "running", frozenset(self.running))
         ids = [s.id for s in self.strategies]
         if len(set(ids)) != len(ids) or FULL not in ids or self.current not in ids:
             raise ValueError(f"Job {self.request_id}: strategy ids {ids} must be distinct and include "
@@ -163,8 +166,9 @@ class Flow:
     `strict`: a stage takes the jobs strictly in the serving order, idling until the next one is
     ready (a permutation flow shop). Otherwise (the stage queues: a worker takes the first task
     that is *ready*) a job leaves stage s no sooner than its previous stage plus its own work, nor
-    than ``now`` plus all the work at s of the jobs up to it in the order; a text-only request
-    then passes the encoding of the images queued before it."""
+    than ``now`` plus all the work at s of the jobs up to it in the order, where the jobs a stage
+    is running (`Job.running`) come first; a text-only request then passes the encoding of the
+    images queued before it."""
 
     stages: tuple[str, ...] = STAGES
     parallelism: float = math.inf
@@ -286,17 +290,32 @@ def _finishes(plans: Sequence[_Plan], choice: Sequence[str], now: float, flow: F
     serial = list(accumulate((p.work[s] for p, s in zip(plans, choice)), initial=now))[1:]
     if flow is None:
         return serial
-    out, done = [], dict.fromkeys(flow.stages, now)  # strict: when each stage is free; else: its work so far
-    for p, s, total in zip(plans, choice, serial):
+    ahead = {} if flow.strict else {stage: _work_ahead(plans, choice, stage) for stage in flow.stages}
+    out, done = [], dict.fromkeys(flow.stages, now)  # strict: when each stage is free
+    for i, (p, s, total) in enumerate(zip(plans, choice, serial)):
         ready = now
         for stage in flow.stages:
             work = p.stage[s].get(stage, 0.0)
             if flow.strict:
                 ready = done[stage] = max(done[stage], ready) + work
             elif work:  # a job with no work at a stage (no media to encode) skips it
-                done[stage] += work
-                ready = max(ready + work, done[stage])
+                ready = max(ready + work, now + ahead[stage][i])
         out.append(max(ready, now + (total - now) / flow.parallelism))
+    return out
+
+
+def _stage_order(plans: Sequence[_Plan], stage: str) -> list[int]:
+    """The order a stage serves the jobs in: those it is running first, then the rest, each in
+    the serving order."""
+    return sorted(range(len(plans)), key=lambda i: stage not in plans[i].job.running)
+
+
+def _work_ahead(plans: Sequence[_Plan], choice: Sequence[str], stage: str) -> list[float]:
+    """Per job: the work at `stage` of the jobs it serves up to and including it."""
+    out, total = [0.0] * len(plans), 0.0
+    for i in _stage_order(plans, stage):
+        total += plans[i].stage[choice[i]].get(stage, 0.0)
+        out[i] = total
     return out
 
 
@@ -347,8 +366,9 @@ def reassign(jobs: Iterable[Job], now: float, capacity: Capacity | None = None, 
         top = _finishes(plans, best, now, flow)
         if not misses and all(p.job.deadline is None or f <= p.job.deadline + TIME_TOL for p, f in zip(plans, top)):
             return _result(plans, best, now, "best", flow=flow)
-        # Every deadline is a row: a less accurate strategy may take longer at some stage.
-        last = max(k for k, p in enumerate(plans) if p.job.deadline is not None)
+        # Every deadline is a row (a less accurate strategy may take longer at some stage); a job a
+        # stage is running comes first there, wherever it is in the order.
+        last = max(k for k, p in enumerate(plans) if p.job.deadline is not None or p.job.running)
         choice, method, n_vars, n_rows = _solve_flow(plans, best, last, now, flow, time_limit_s)
         if choice is None and not misses:
             choice, method = _greedy(plans, now, flow), "greedy"
@@ -437,10 +457,12 @@ def _solve_flow(plans: Sequence[_Plan], best: Sequence[str], last: int, now: flo
         lower.append(lo)
         upper.append(hi)
 
+    rank = {k: {i: r for r, i in enumerate(j for j in _stage_order(plans, st) if j < n_jobs)}
+            for k, st in enumerate(stages)}
     for i in range(n_jobs):
         own = [j for j, p in enumerate(pos) if p == i]
-        prefix = [j for j, p in enumerate(pos) if p <= i]
         for k in range(n_st):
+            prefix = [j for j, p in enumerate(pos) if rank[k][p] <= rank[k][i]]
             work = {j: -stage_work[j, k] for j in own}
             const = fixed[i][k] if i in fixed else 0.0
             before = [(i, k - 1)] if k else []  # the job's previous stage
@@ -450,10 +472,10 @@ def _solve_flow(plans: Sequence[_Plan], best: Sequence[str], last: int, now: flo
                 row({col[(i, k)]: 1.0, col[prev]: -1.0, **work}, const, np.inf)
             if not before:
                 row({col[(i, k)]: 1.0, **work}, const, np.inf)
-            if not flow.strict and i and (i not in fixed or fixed[i][k] > 0):
+            if not flow.strict and rank[k][i] and (i not in fixed or fixed[i][k] > 0):
                 # All the work at this stage up to the job, unless its strategy skips the stage
                 # (big-M on the strategies without work here).
-                ahead = math.fsum(fixed[h][k] for h in fixed if h <= i)
+                ahead = math.fsum(fixed[h][k] for h in fixed if rank[k][h] <= rank[k][i])
                 coeffs = {col[(i, k)]: 1.0, **{j: -stage_work[j, k] for j in prefix}}
                 skips = [j for j in own if stage_work[j, k] == 0.0]
                 if skips:
@@ -465,6 +487,7 @@ def _solve_flow(plans: Sequence[_Plan], best: Sequence[str], last: int, now: flo
         if deadline is not None:
             row({col[(i, n_st - 1)]: 1.0}, -np.inf, deadline - now + TIME_TOL)
             if flow.parallelism < math.inf:
+                prefix = [j for j, p in enumerate(pos) if p <= i]
                 const = math.fsum(sum(fixed[h]) for h in fixed if h <= i)
                 row({j: stage_work[j].sum() / flow.parallelism for j in prefix}, -np.inf,
                     deadline - now - const / flow.parallelism + TIME_TOL)

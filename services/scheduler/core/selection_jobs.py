@@ -11,7 +11,8 @@ given, so both make the same decisions on the same state:
   fixed strategy of the work it still has (`remaining`);
 * `new_job` -- an arrival as a job (before any work);
 * `serving_order` -- requests a worker has begun first (stages do not preempt), in arrival
-  order, then priority, earliest deadline, arrival;
+  order, then priority, earliest deadline, arrival (stage queues, `Flow`: each stage its running
+  request first, `Served.running`, then priority, earliest deadline, arrival);
 * `tick_changes` -- the periodic check: a job late even on its cheapest strategy is put on it
   (and constrains no one), the others are reassigned when a deadline is at risk.
 
@@ -56,6 +57,17 @@ class Served:
     prefilled: bool = False
     generated: int = 0
     """Tokens made so far."""
+    encoding: bool = False
+    """A worker is encoding its inputs now (started, not done)."""
+    prefilling: bool = False
+    """A worker is running its prompt pass now (started, no first token yet)."""
+
+    @property
+    def running(self) -> frozenset[str]:
+        """The stages a worker is on for it now (`Job.running`)."""
+        return frozenset(stage for stage, on in (
+            ("encode", self.encoding and not self.encoded), ("prefill", self.prefilling and not self.prefilled),
+            ("decode", self.prefilled and self.generated < self.max_new_tokens)) if on)
 
 
 def offered(strategies: Iterable[Strategy], floor: float, *, media_tokens: int, prompt_tokens: int,
@@ -80,8 +92,9 @@ def remaining(s: Served) -> Strategy:
 def job_of(s: Served, seq: int) -> Job:
     """`s` as a job of the program (`seq`: its place in acceptance order)."""
     if s.reassignable and s.options and s.current in s.options:
-        return Job(s.request_id, tuple(s.options.values()), s.deadline, s.floor, True, s.current, s.priority, seq)
-    return Job(s.request_id, (remaining(s),), s.deadline, 0.0, False, FULL, s.priority, seq)
+        return Job(s.request_id, tuple(s.options.values()), s.deadline, s.floor, True, s.current, s.priority, seq,
+                   s.running)
+    return Job(s.request_id, (remaining(s),), s.deadline, 0.0, False, FULL, s.priority, seq, s.running)
 
 
 def new_job(request_id: str, options: Mapping[str, Strategy] | None, deadline: float | None, floor: float,
@@ -94,11 +107,14 @@ def new_job(request_id: str, options: Mapping[str, Strategy] | None, deadline: f
     return Job(request_id, tuple(options.values()), deadline, floor, True, FULL, priority, seq)
 
 
-def serving_order(jobs: Sequence[Job], begun: Collection[str]) -> list[str]:
+def serving_order(jobs: Sequence[Job], begun: Collection[str], flow: Flow | None = None) -> list[str]:
     """The order the program assumes (module docstring); `begun`: the request ids a worker has
-    begun on."""
+    begun on. Under a `flow` of stage queues (not strict) each stage serves what it is running
+    first (`Job.running`), then the queue's order: priority, earliest deadline, arrival."""
+    queues = flow is not None and not flow.strict
+
     def key(job: Job):
-        if job.request_id in begun:
+        if job.request_id in begun and not queues:
             return (0, 0, 0.0, job.seq)
         return (1, -job.priority, job.deadline if job.deadline is not None else math.inf, job.seq)
 
