@@ -16,8 +16,10 @@ replica targets, drains).
   batch bound set on them at the next tick;
 * a failed application is counted and logged; the Adapter then forgets the configuration it
   adopted (the live system may be half-way), so the next re-solve applies a whole one again;
-* cost is kept as the integral over time (core-seconds) of the applied configuration's cores
-  plus those of variants left out whose workers are not drained yet.
+* cost is kept as the integral over time (core-seconds) of the cores allocated: the applied
+  configuration's cores plus those of variants left out whose workers are not drained yet,
+  except workers the applier has parked (shrunk in place to one thread on a cpu the
+  configuration already holds: no core beyond the configuration's is allocated to them).
 
 Its state is what the admin API's ``GetStatus.adaptation`` and the ``prism_adapt_*`` metrics show.
 """
@@ -88,11 +90,14 @@ class AdaptationLoop:
 
     def cores_now(self) -> int:
         """Cores allocated now: the applied configuration's and those of variants left out whose
-        workers still run (the applier's pending stops)."""
+        workers still run (the applier's pending stops), unless parked on the configuration's
+        cores (the applier's ``parked``)."""
         if self.applied is None:
             return 0
         pending = getattr(self.applier, "pending_stops", {}) or {}
-        lingering = sum(self._last_choice[key].cost_cores for key in pending if key in self._last_choice)
+        parked = getattr(self.applier, "parked", set()) or set()
+        lingering = sum(self._last_choice[key].cost_cores for key in pending
+                        if key in self._last_choice and key not in parked)
         return self.applied.cost_cores + lingering
 
     def _account(self, now: float) -> None:

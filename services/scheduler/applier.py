@@ -13,6 +13,13 @@ adaptation core's actions (`services.scheduler.core.adapt.diff`) and the live sy
   (c) it has been out for `stop_delay_s`. A configuration that brings the variant back before
   then cancels the stop: its workers were never touched, nothing restarts. Workers above a
   lowered replica count are drained by `settle` under the same (a).
+* parking: a variant left out is at once shrunk in place (SetCompute: one thread, affinity to
+  ONE cpu that a kept variant's worker was given by ``set_cores``) while it waits for its drain,
+  so that it holds no core the configuration does not already pay for. Such a stop is
+  ``parked``; the adaptation loop counts the cores of pending stops that are NOT parked (no kept
+  worker's cpus known yet, e.g. the kept variant still starting) on top of the configuration's.
+  A parked worker still finishes what it took, on that shared cpu. A configuration bringing it
+  back sets its cores again (``start`` comes with ``set_cores``).
 
 None of these fails or loses a request in flight: shares change between batches, routing
 weights only steer new requests, a variant is never drained while the configuration's other
@@ -54,6 +61,10 @@ class ConfigApplier:
         self.clock = clock or time.monotonic
         #: (stage, variant) left out of the configuration, not drained yet -> when it was left out.
         self.pending_stops: dict[tuple[str, str], float] = {}
+        #: Pending stops whose workers are parked on a cpu of the kept configuration (docstring).
+        self.parked: set[tuple[str, str]] = set()
+        #: The cpus each worker (by address) was last given by `set_cores` or parking.
+        self.cpus: dict[str, tuple[int, ...]] = {}
         self._channel_for = channel_for
         self._own: dict[str, grpc.aio.Channel] = {}
         self.on_replicas = on_replicas
@@ -115,6 +126,7 @@ class ConfigApplier:
                     if kind == "set_cores":
                         cpus = await self._cores(inst.address, int(a.value), k)
                         await self.set_compute(inst.address, threads=len(cpus), cpus=cpus)
+                        self.cpus[inst.address] = tuple(cpus)
                     else:
                         await self.set_compute(inst.address, max_batch=int(a.value))
                     done.append(f"{inst.name}: {kind} {a.value}")
@@ -122,6 +134,7 @@ class ConfigApplier:
                 shares[variant] = max(float(a.value), 0.0)
             elif kind in ("start", "scale"):
                 self.replicas[(stage, variant)] = int(a.value)
+                self.parked.discard((stage, variant))
                 if self.pending_stops.pop((stage, variant), None) is not None:
                     done.append(f"{stage}/{variant}: stop cancelled, its workers kept")
                 if self.on_replicas is not None:
@@ -139,9 +152,29 @@ class ConfigApplier:
         if kept and not any(shares[v] for v in kept):  # solved for no traffic: the kept variants share it
             shares.update({v: 1.0 for v in kept})
         self._weigh(shares, done)
+        for key in [k for k in self.pending_stops if k[1] in stopped]:
+            done += await self._park(*key)
         for line in done:
             log.info("adaptation: %s", line)
         self.log += done
+        return done
+
+    async def _park(self, stage: str, variant: str) -> list[str]:
+        """Shrinks the workers of a pending stop to one thread on one cpu a kept worker holds
+        (module docstring); returns what was done (nothing when no kept worker's cpus are known)."""
+        if (stage, variant) in self.parked:
+            return []
+        kept = {c for (s, v), n in self.replicas.items() if n > 0 and (s, v) not in self.pending_stops
+                for inst in self.workers(s, v) for c in self.cpus.get(inst.address, ())}
+        if not kept:
+            return []
+        cpu = min(kept)
+        done = []
+        for inst in self.workers(stage, variant):
+            await self.set_compute(inst.address, threads=1, cpus=[cpu])
+            self.cpus[inst.address] = (cpu,)
+            done.append(f"{inst.name}: parked on cpu {cpu} until drained")
+        self.parked.add((stage, variant))
         return done
 
     def live_for(self, stage: str, variant: str) -> bool:
@@ -163,11 +196,14 @@ class ConfigApplier:
         busy = set(self.inflight()) if self.inflight is not None else set()
         for (stage, variant), since in list(self.pending_stops.items()):
             if now - since < self.stop_delay_s or variant in busy:
+                done += await self._park(stage, variant)  # the kept workers' cpus may be known now
                 continue
             for inst in self.workers(stage, variant):
                 await self.cluster.drain(inst.name)
+                self.cpus.pop(inst.address, None)
                 done.append(f"{inst.name}: drained")
             del self.pending_stops[(stage, variant)]
+            self.parked.discard((stage, variant))
             if self.on_replicas is not None:
                 await _maybe_await(self.on_replicas(stage, variant, 0))
         for stage, variant in kept:

@@ -196,9 +196,16 @@ async def test_switching_to_a_variant_whose_workers_are_starting_fails_no_reques
             assert await applier.settle(now=1e9) == [] and draining() == []
 
             await applier.apply(switch)  # and again to b, which now starts
+            host_a = c.hosts["w-a"]
             await add_variant_worker(c, variant_dirs["b"], "b", "w-b")
             await c.wait_workers(2)
-            assert await applier.settle(now=applier.clock()) == []  # within the stop delay: a kept, idle
+            await applier.apply([Action("set_cores", "pipeline", "b", 1)])  # the loop's catch-up on b's worker
+            allowed = list((await compute_of(host_a)).allowed_cpus)
+            # within the stop delay: a kept, idle, parked in place on b's cpu (no core of its own)
+            assert await applier.settle(now=applier.clock()) == [f"w-a: parked on cpu {allowed[0]} until drained"]
+            share = (await compute_of(host_a)).share
+            assert (share.threads, list(share.cpus)) == (1, [allowed[0]])
+            assert applier.parked == {("pipeline", "a")}
             assert await applier.settle(now=1e9) == ["w-a: drained"] and draining() == ["w-a"]
             after = await asyncio.gather(*(collect(c.stub, chat(f"after {k}", [], 4)) for k in range(2)))
 

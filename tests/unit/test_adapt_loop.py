@@ -174,3 +174,19 @@ def test_a_variant_left_out_costs_its_cores_until_it_is_drained():
     run(loop.tick())  # drained at t=16: from then on, small's core only
     clock.t = 20.0
     assert loop.cores_now() == 1 and loop.core_seconds() == pytest.approx(10.0 + 4 * 2 + 4 * 1)
+
+
+def test_a_variant_left_out_and_parked_on_the_configurations_cores_costs_nothing_more():
+    clock, applier = Clock(), DeferringApplier()
+    loop = make_loop(clock, applier)
+    feed(loop, clock, 5, 0, 2)
+    run(loop.tick())
+    for second in range(2, 12):
+        feed(loop, clock, 20, second, second + 1)
+        run(loop.tick())  # t=12: small takes over, big pending
+    assert ("pipeline", "big") in applier.pending_stops
+    applier.parked = {("pipeline", "big")}  # the ConfigApplier shrank it onto small's cpu
+    clock.t = 15.0
+    assert loop.cores_now() == 1 and loop.core_seconds() == pytest.approx(10.0 + 3 * 1)
+    applier.parked = set()  # not parked (no kept cpu known): its core counts again
+    assert loop.cores_now() == 2
