@@ -10,6 +10,12 @@ The requests: the Azure conversation trace from its start, images overlaid with 
 shape, fitted to the model (`prism.bench.workload.fit`: tokens x 1/8, output clipped), 224 px
 images; load k sends them at k requests per second (arrival times rescaled).
 
+Calibration (default; `--no-calibrate` to skip): the profile is fitted on the isolated requests
+only -- the median live-minus-simulated TTFT becomes part of the fixed per-request path
+(``client`` overhead) and decode steps are scaled by the median live-over-simulated time per
+output token -- and the loads are then simulated on the fitted profile; the loaded runs never
+feed the fit.
+
 What the simulator models of this machine: the stage processes share `shared_cores` cores
 (processor sharing), each runs torch with `--threads` threads, the scheduler processes each image
 before admission, hops between processes take the profile's overheads. What it does not: the
@@ -78,6 +84,34 @@ def sim_requests(seq: list, profile) -> list:
                        r.generated_tokens) for k, r in enumerate(seq)]
 
 
+def calibrate(profile, live_recs: list, sim_recs: list) -> tuple[object, dict]:
+    """The profile fitted to the deployment on the ISOLATED requests only (never the loaded runs):
+    the fixed per-request path the stage tables do not see (client, gRPC, scheduler, Redis hops)
+    takes the median of live minus simulated TTFT, added to the ``client`` overhead; decode steps
+    are scaled by the median of live over simulated time per output token (the engines were
+    profiled in one process, the deployment runs decode next to the other stage processes)."""
+    import statistics
+    from dataclasses import replace as dc_replace
+
+    from prism.sim.profile import StageTable
+
+    pairs = [(lr, sr) for lr, sr in zip(live_recs, sim_recs) if lr.ttft_ms is not None and sr.ttft_ms is not None]
+    if not pairs:
+        return profile, {"applied": False, "reason": "no isolated request completed in both"}
+    gap_ms = statistics.median(lr.ttft_ms - sr.ttft_ms for lr, sr in pairs)
+    ratios = [lr.tpot_ms / sr.tpot_ms for lr, sr in pairs if lr.tpot_ms and sr.tpot_ms]
+    scale = statistics.median(ratios) if ratios else 1.0
+    overheads = dict(profile.overheads_ms)
+    overheads["client"] = max(0.0, overheads.get("client", 0.0) + gap_ms)
+    decode = profile.stages["decode"]
+    stages = dict(profile.stages)
+    stages["decode"] = StageTable({b: tuple((t, ms * scale) for t, ms in pts) for b, pts in decode.curves.items()},
+                                  decode.tp_speedup)
+    fitted = dc_replace(profile, overheads_ms=overheads, stages=stages)
+    return fitted, {"applied": True, "requests": len(pairs), "client_overhead_added_ms": round(gap_ms, 2),
+                    "decode_scale": round(scale, 4)}
+
+
 def brief(s: dict) -> dict:
     return {"ttft_p50_ms": s["ttft_ms"]["p50"], "ttft_p99_ms": s["ttft_ms"]["p99"],
             "tpot_p50_ms": s["tpot_ms"]["p50"], "e2e_p50_ms": s["e2e_ms"]["p50"], "completed": s["completed"],
@@ -98,6 +132,8 @@ def main() -> None:
     ap.add_argument("--effective-cores", type=int, default=0,
                     help="cores the simulated stage processes share (0: the profile's, this machine's count)")
     ap.add_argument("--quiet-wait", type=float, default=120.0, help="seconds to wait for an idle CPU before a run")
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="simulate the loads on the profile as measured (default: fitted on the isolated requests)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="one load (0.5/s), 12 requests")
     ap.add_argument("--out", type=Path)
@@ -143,14 +179,20 @@ def main() -> None:
         # isolated requests (3 s apart): the fixed per-request part of the error, without queueing
         iso = [replace(r, arrival_s=3.0 * k) for k, r in enumerate(seq[:args.isolated])]
         GATE.wait()
-        iso_live = summarize(replay(dep.address, iso, workload=workload), duration_s=3.0 * len(iso), **slo)
-        iso_sim = summarize_result(simulate(sim_requests(iso, profile), config, profile), duration_s=3.0 * len(iso),
-                                   **slo)
+        iso_live_recs = replay(dep.address, iso, workload=workload)
+        iso_sim_res = simulate(sim_requests(iso, profile), config, profile)
+        iso_live = summarize(iso_live_recs, duration_s=3.0 * len(iso), **slo)
+        iso_sim = summarize_result(iso_sim_res, duration_s=3.0 * len(iso), **slo)
         report["isolated"] = {"live": brief(iso_live), "sim": brief(iso_sim),
                               "rel_error": {"ttft_p50": rel(iso_sim["ttft_ms"]["p50"], iso_live["ttft_ms"]["p50"]),
                                             "tpot_p50": rel(iso_sim["tpot_ms"]["p50"], iso_live["tpot_ms"]["p50"])}}
         say(f"isolated: live ttft p50 {iso_live['ttft_ms']['p50']} ms, sim {iso_sim['ttft_ms']['p50']} ms; "
             f"tpot live {iso_live['tpot_ms']['p50']} sim {iso_sim['tpot_ms']['p50']}")
+        if not args.no_calibrate:
+            by_arrival = {r.arrival_s: r for r in iso_sim_res.records}
+            profile, report["calibration"] = calibrate(
+                profile, iso_live_recs, [by_arrival.get(r.arrival_s) or r for r in iso_live_recs])
+            say(f"calibrated on the isolated requests: {report['calibration']}")
         for load in loads:
             reqs = at_rate(seq, load)
             span = reqs[-1].arrival_s or 1.0
