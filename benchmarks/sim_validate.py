@@ -11,9 +11,9 @@ shape, fitted to the model (`prism.bench.workload.fit`: tokens x 1/8, output cli
 images; load k sends them at k requests per second (arrival times rescaled).
 
 Calibration (default; `--no-calibrate` to skip): the profile is fitted on the isolated requests
-only -- the median live-minus-simulated TTFT becomes part of the fixed per-request path
-(``client`` overhead) and decode steps are scaled by the median live-over-simulated time per
-output token -- and the loads are then simulated on the fitted profile; the loaded runs never
+only (`calibrate`: encode and prefill scaled by the slope of live against simulated TTFT, decode
+by the live-over-simulated time per output token, the rest of the gap into the fixed
+per-request path) and the loads are then simulated on the fitted profile; the loaded runs never
 feed the fit.
 
 What the simulator models of this machine: the stage processes share `shared_cores` cores
@@ -84,32 +84,49 @@ def sim_requests(seq: list, profile) -> list:
                        r.generated_tokens) for k, r in enumerate(seq)]
 
 
-def calibrate(profile, live_recs: list, sim_recs: list) -> tuple[object, dict]:
-    """The profile fitted to the deployment on the ISOLATED requests only (never the loaded runs):
-    the fixed per-request path the stage tables do not see (client, gRPC, scheduler, Redis hops)
-    takes the median of live minus simulated TTFT, added to the ``client`` overhead; decode steps
-    are scaled by the median of live over simulated time per output token (the engines were
-    profiled in one process, the deployment runs decode next to the other stage processes)."""
+def calibrate(profile, live_recs: list, sim_recs: list, resimulate) -> tuple[object, dict]:
+    """The profile fitted to the deployment on the ISOLATED requests only (never the loaded runs).
+
+    1. Encode and prefill calls are scaled by the slope of live TTFT against simulated TTFT (least
+       squares over the isolated requests, which differ in prompt length and images; the engines
+       were profiled in one process, the deployment adds the hops and the stage processes' own
+       work per token), clipped to [0.5, 3].
+    2. Decode steps are scaled by the median of live over simulated time per output token.
+    3. What is left of the gap, the median live minus re-simulated TTFT, is the fixed per-request
+       path the tables do not see (client, gRPC, scheduler, Redis hops): added to ``client``.
+    `resimulate(profile)`: the simulated records of the same isolated requests on `profile`."""
     import statistics
     from dataclasses import replace as dc_replace
 
     from prism.sim.profile import StageTable
 
+    def scaled(table, factor):
+        return StageTable({b: tuple((t, ms * factor) for t, ms in pts) for b, pts in table.curves.items()},
+                          table.tp_speedup)
+
     pairs = [(lr, sr) for lr, sr in zip(live_recs, sim_recs) if lr.ttft_ms is not None and sr.ttft_ms is not None]
-    if not pairs:
-        return profile, {"applied": False, "reason": "no isolated request completed in both"}
-    gap_ms = statistics.median(lr.ttft_ms - sr.ttft_ms for lr, sr in pairs)
+    if len(pairs) < 2:
+        return profile, {"applied": False, "reason": "fewer than two isolated requests completed in both"}
+    xs, ys = [sr.ttft_ms for _, sr in pairs], [lr.ttft_ms for lr, _ in pairs]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 1.0
+    slope = min(3.0, max(0.5, slope))
     ratios = [lr.tpot_ms / sr.tpot_ms for lr, sr in pairs if lr.tpot_ms and sr.tpot_ms]
-    scale = statistics.median(ratios) if ratios else 1.0
-    overheads = dict(profile.overheads_ms)
-    overheads["client"] = max(0.0, overheads.get("client", 0.0) + gap_ms)
-    decode = profile.stages["decode"]
+    decode_scale = statistics.median(ratios) if ratios else 1.0
     stages = dict(profile.stages)
-    stages["decode"] = StageTable({b: tuple((t, ms * scale) for t, ms in pts) for b, pts in decode.curves.items()},
-                                  decode.tp_speedup)
-    fitted = dc_replace(profile, overheads_ms=overheads, stages=stages)
-    return fitted, {"applied": True, "requests": len(pairs), "client_overhead_added_ms": round(gap_ms, 2),
-                    "decode_scale": round(scale, 4)}
+    stages["encode"] = scaled(stages["encode"], slope)
+    stages["prefill"] = scaled(stages["prefill"], slope)
+    stages["decode"] = scaled(stages["decode"], decode_scale)
+    fitted = dc_replace(profile, stages=stages)
+    again = resimulate(fitted)
+    gap_ms = statistics.median(lr.ttft_ms - sr.ttft_ms for lr, sr in zip(live_recs, again)
+                               if lr.ttft_ms is not None and sr.ttft_ms is not None)
+    overheads = dict(fitted.overheads_ms)
+    overheads["client"] = max(0.0, overheads.get("client", 0.0) + gap_ms)
+    fitted = dc_replace(fitted, overheads_ms=overheads)
+    return fitted, {"applied": True, "requests": len(pairs), "encode_prefill_scale": round(slope, 4),
+                    "decode_scale": round(decode_scale, 4), "client_overhead_added_ms": round(gap_ms, 2)}
 
 
 def brief(s: dict) -> dict:
@@ -125,7 +142,8 @@ def main() -> None:
     ap.add_argument("--loads", default="0.25,0.5,1.0", help="requests per second, comma list")
     ap.add_argument("--requests", type=int, default=60, help="requests per load")
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--isolated", type=int, default=6, help="requests sent one at a time first (calibration view)")
+    ap.add_argument("--isolated", type=int, default=10,
+                    help="requests sent one at a time first (the calibration's only input)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per stage process")
     ap.add_argument("--profile-path", type=Path, default=ROOT / ".bench" / "sim" / "llava-small.json")
     ap.add_argument("--reprofile", action="store_true")
@@ -189,9 +207,13 @@ def main() -> None:
         say(f"isolated: live ttft p50 {iso_live['ttft_ms']['p50']} ms, sim {iso_sim['ttft_ms']['p50']} ms; "
             f"tpot live {iso_live['tpot_ms']['p50']} sim {iso_sim['tpot_ms']['p50']}")
         if not args.no_calibrate:
-            by_arrival = {r.arrival_s: r for r in iso_sim_res.records}
+            def paired(res) -> list:  # the simulated record of each isolated request, in order
+                by_arrival = {r.arrival_s: r for r in res.records}
+                return [by_arrival.get(r.arrival_s) or r for r in iso_live_recs]
+
             profile, report["calibration"] = calibrate(
-                profile, iso_live_recs, [by_arrival.get(r.arrival_s) or r for r in iso_live_recs])
+                profile, iso_live_recs, paired(iso_sim_res),
+                lambda p: paired(simulate(sim_requests(iso, p), config, p)))
             say(f"calibrated on the isolated requests: {report['calibration']}")
         for load in loads:
             reqs = at_rate(seq, load)
