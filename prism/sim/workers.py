@@ -229,6 +229,19 @@ class _Base:
         self.batch_sizes.append(len(batch))
         return batch
 
+    def _call(self, stage: str, batch: list[Task], tokens: int) -> None:
+        """The batch is RUNNING; one `stage` call over it on the device, then READY and the next."""
+        for t in batch:
+            self.listener.running(t, self.name)
+        self.device.submit(self.profile.latency_s(stage, len(batch), tokens, self.tp),
+                           lambda s: self._done(batch, s))
+
+    def _done(self, batch: list[Task], compute_s: float) -> None:
+        for t in batch:
+            self.listener.ready(t, self.name, compute_s)
+        self.busy = False
+        self.kick()
+
 
 @dataclass(eq=False)
 class EncodeWorker(_Base):
@@ -239,17 +252,7 @@ class EncodeWorker(_Base):
             return
         self.busy = True
         batch = self._take(self.max_batch_tokens, False, lambda t: t.media_tokens)
-        for t in batch:
-            self.listener.running(t, self.name)
-        total = sum(t.media_tokens for t in batch)
-        work = self.profile.latency_s("encode", len(batch), total, self.tp)
-        self.device.submit(work, lambda s: self._done(batch, s))
-
-    def _done(self, batch: list[Task], compute_s: float) -> None:
-        for t in batch:
-            self.listener.ready(t, self.name, compute_s)
-        self.busy = False
-        self.kick()
+        self._call("encode", batch, sum(t.media_tokens for t in batch))
 
 
 @dataclass(eq=False)
@@ -264,20 +267,7 @@ class PrefillWorker(_Base):
         # pull each request's embeddings (in parallel) from an encoder elsewhere, then RUNNING
         per = self.profile.overhead_s("embed_per_token")
         fetch = max((t.media_tokens * per for t in batch if t.source and t.source != self.name), default=0.0)
-        self.clock.after(fetch, lambda: self._compute(batch))
-
-    def _compute(self, batch: list[Task]) -> None:
-        for t in batch:
-            self.listener.running(t, self.name)
-        longest = max(t.prompt_tokens for t in batch)
-        work = self.profile.latency_s("prefill", len(batch), longest, self.tp)
-        self.device.submit(work, lambda s: self._done(batch, s))
-
-    def _done(self, batch: list[Task], compute_s: float) -> None:
-        for t in batch:
-            self.listener.ready(t, self.name, compute_s)
-        self.busy = False
-        self.kick()
+        self.clock.after(fetch, lambda: self._call("prefill", batch, max(t.prompt_tokens for t in batch)))
 
 
 @dataclass(eq=False)

@@ -54,7 +54,7 @@ class Stack:
             engine.write_kv(rid, layer, VALUE, 0, v)
 
         first = self.prefill.run(plan, {self.modality: embeddings}, Sampling(), sink)
-        done = engine.activate(DecodeSpec(rid, first, plan.rope_delta, Sampling(), n, self.lm.eos_ids))
+        engine.activate(DecodeSpec(rid, first, plan.rope_delta, Sampling(), n, self.lm.eos_ids))
         return [first]
 
 

@@ -243,6 +243,6 @@ def test_prism_simulate_prints_bench_statistics(tmp_path):
     assert report["sim"]["placements"] == {"split": 0, "colocated": 12}
     assert {"ttft_ms", "tpot_ms", "goodput_rps", "slo_attainment"} <= set(report)
     again = CliRunner().invoke(app, args)
-    assert json.loads(out.read_text()) == report  # deterministic
+    assert again.exit_code == 0 and json.loads(out.read_text()) == report  # deterministic
     bad = CliRunner().invoke(app, [*args[:6], "vision@tp1x2"])
     assert bad.exit_code != 0 and "unknown stage" in bad.output
