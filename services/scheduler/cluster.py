@@ -48,6 +48,7 @@ class Cluster:
         self._profiles: dict[tuple[str, str], collections.deque] = {}
         self._profile_window = profile_window
         self._task: asyncio.Task | None = None
+        self._stopping = False  # set by `stop`: the refresh loop ends
         self._reaping: set[str] = set()
         self.shared = backend.options.shared_queues
 
@@ -57,6 +58,7 @@ class Cluster:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -65,12 +67,16 @@ class Cluster:
                 pass
 
     async def _loop(self) -> None:
-        while True:
+        # The flag, not only the cancellation, ends the loop: a cancellation landing inside a
+        # Redis call may come out of the client as another error (caught below), and the loop
+        # would then sleep on with the cancellation spent (a hang of `stop` seen in CI).
+        while not self._stopping:
             await asyncio.sleep(self.refresh_s)
             try:
                 await self.refresh()
             except Exception as exc:  # Redis restarting: keep the last view, retry next round
-                log.warning("registry refresh failed: %s", exc)
+                if not self._stopping:
+                    log.warning("registry refresh failed: %s", exc)
 
     async def refresh(self) -> None:
         registry = self.backend.registry
