@@ -385,13 +385,9 @@ def reassign(jobs: Iterable[Job], now: float, capacity: Capacity | None = None, 
 
     # Variables: the frontiers of the jobs up to the last binding deadline that have a choice;
     # the others stay on `best`, which is their only strategy unless they come after it.
-    free = [i for i in range(binding[-1] + 1) if len(plans[i].frontier) > 1]
+    binaries = _Binaries(plans, binding[-1] + 1)
+    free, var_sid, groups, pos = binaries.free, binaries.sid, binaries.groups, binaries.pos
     is_free = set(free)
-    var_sid, groups, pos = [], [], []
-    for i in free:
-        groups.append(list(range(len(var_sid), len(var_sid) + len(plans[i].frontier))))
-        var_sid += plans[i].frontier
-        pos += [i] * len(plans[i].frontier)
     work = np.array([plans[i].work[s] for i, s in zip(pos, var_sid)])
     acc = np.array([plans[i].acc[s] for i, s in zip(pos, var_sid)])
     fixed = np.cumsum([0.0 if i in is_free else p.work[best[i]] for i, p in enumerate(plans)])
@@ -408,12 +404,33 @@ def reassign(jobs: Iterable[Job], now: float, capacity: Capacity | None = None, 
     a_ub = (np.array(pos)[None, :] <= rows[:, None]) * work[None, :]
 
     picked, method = _lex_milp(-_ACC_SCALE * acc, work, groups, a_ub, budget[keep[::-1]], time_limit_s)
-    choice = list(best)
-    for g, k in enumerate(picked or ()):
-        choice[free[g]] = var_sid[groups[g][k]]
+    choice = binaries.choice(best, picked or ())
     if picked is None or _late(plans, choice, now):  # no solution in time (or numerical slack)
         choice, method = _greedy(plans, now), "greedy"
     return _result(plans, choice, now, method, variables=len(var_sid), rows=len(rows))
+
+
+class _Binaries:
+    """The program's binaries x[i, s]: one per frontier strategy of each of the first `n_jobs`
+    jobs that has a choice (`free`), one-hot within each job's `groups`; `sid` and `pos` give
+    each binary's strategy and job."""
+
+    def __init__(self, plans: Sequence[_Plan], n_jobs: int) -> None:
+        self.free = [i for i in range(n_jobs) if len(plans[i].frontier) > 1]
+        self.sid: list[str] = []
+        self.groups: list[list[int]] = []
+        self.pos: list[int] = []
+        for i in self.free:
+            self.groups.append(list(range(len(self.sid), len(self.sid) + len(plans[i].frontier))))
+            self.sid += plans[i].frontier
+            self.pos += [i] * len(plans[i].frontier)
+
+    def choice(self, best: Sequence[str], picked: Sequence[int]) -> list[str]:
+        """`best` with each free job on the strategy picked in its group."""
+        out = list(best)
+        for g, k in enumerate(picked):
+            out[self.free[g]] = self.sid[self.groups[g][k]]
+        return out
 
 
 def _greedy(plans: Sequence[_Plan], now: float, flow: Flow | None = None) -> list[str]:
@@ -435,18 +452,15 @@ def _solve_flow(plans: Sequence[_Plan], best: Sequence[str], last: int, now: flo
     ``(work up to i) / parallelism <= deadline - now``. Jobs after `last` keep `best`. The choice
     is None when the solver found none (infeasible, or out of time)."""
     n_jobs, stages = last + 1, flow.stages
-    free = [i for i in range(n_jobs) if len(plans[i].frontier) > 1]
-    var_sid, groups, pos = [], [], []
-    for i in free:
-        groups.append(list(range(len(var_sid), len(var_sid) + len(plans[i].frontier))))
-        var_sid += plans[i].frontier
-        pos += [i] * len(plans[i].frontier)
+    binaries = _Binaries(plans, n_jobs)
+    free, var_sid, groups, pos = binaries.free, binaries.sid, binaries.groups, binaries.pos
     n_bin, n_st = len(var_sid), len(stages)
     n = n_bin + n_jobs * n_st
     col = {(i, k): n_bin + i * n_st + k for i in range(n_jobs) for k in range(n_st)}
     stage_work = np.array([[plans[i].stage[s].get(st, 0.0) for st in stages] for i, s in zip(pos, var_sid)])
     stage_work = stage_work.reshape(n_bin, n_st)
-    fixed = {i: [plans[i].stage[best[i]].get(st, 0.0) for st in stages] for i in range(n_jobs) if i not in set(free)}
+    is_free = set(free)
+    fixed = {i: [plans[i].stage[best[i]].get(st, 0.0) for st in stages] for i in range(n_jobs) if i not in is_free}
     rows, lower, upper = [], [], []
 
     def row(coeffs: dict[int, float], lo: float, hi: float) -> None:
@@ -499,9 +513,7 @@ def _solve_flow(plans: Sequence[_Plan], best: Sequence[str], last: int, now: flo
                                n_binary=n_bin, b_lb=np.array(lower))
     if picked is None:
         return None, method, n_bin, len(rows)
-    choice = list(best)
-    for g, k in enumerate(picked):
-        choice[free[g]] = var_sid[groups[g][k]]
+    choice = binaries.choice(best, picked)
     if _late(plans, choice, now, flow):  # numerical slack: the greedy one is feasible (checked by it)
         return None, "greedy", n_bin, len(rows)
     return choice, method, n_bin, len(rows)
