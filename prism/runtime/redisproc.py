@@ -37,7 +37,8 @@ class RedisProcess:
 
     def __init__(self, data_dir: str | os.PathLike, *, port: int = 0, host: str = "127.0.0.1",
                  appendonly: bool = True, executable: str | None = None, password: str | None = None):
-        self.data_dir = Path(data_dir)
+        # absolute: redis-server changes into --dir before it opens a relative --logfile
+        self.data_dir = Path(data_dir).resolve()
         self.password = password  # clients must AUTH (it is in `url`)
         self.host = host
         self.port = port or free_port(host)

@@ -522,3 +522,18 @@ async def _states(q, task_id: str) -> list[TaskState]:
 async def _events(q, task_id: str) -> list:
     return [ev async for ev in q.watch(task_id)]
 
+
+
+def test_a_redis_server_started_in_a_relative_folder_comes_up(tmp_path, monkeypatch) -> None:
+    """`prism up --log-dir logs` style relative folders: redis-server changes into --dir before it
+    opens --logfile, so a relative path would be opened twice-relative and redis would exit 1."""
+    import redis
+
+    from prism.runtime.redisproc import RedisProcess
+
+    monkeypatch.chdir(tmp_path)
+    with RedisProcess("logs/redis") as server:
+        client = redis.Redis(host=server.host, port=server.port)
+        assert client.ping() is True
+        client.close()
+    assert (tmp_path / "logs" / "redis" / "redis.log").exists()
