@@ -10,11 +10,12 @@ The requests: the Azure conversation trace from its start, images overlaid with 
 shape, fitted to the model (`prism.bench.workload.fit`: tokens x 1/8, output clipped), 224 px
 images; load k sends them at k requests per second (arrival times rescaled).
 
-Calibration (default; `--no-calibrate` to skip): the profile is fitted on the isolated requests
-only (`calibrate`: encode and prefill scaled by the slope of live against simulated TTFT, decode
-by the live-over-simulated time per output token, the rest of the gap into the fixed
-per-request path) and the loads are then simulated on the fitted profile; the loaded runs never
-feed the fit.
+Calibration (default; `--no-calibrate` to skip): the profile is fitted on ISOLATED requests only
+(`prism.sim.calibrate`): `--isolated` requests of the sequence chosen to cover every image count it
+has and a spread of prompt lengths, sent one at a time; least squares over them gives the encoder's
+and the prefill's scales separately, decode is scaled by the live-over-simulated time per output
+token, and the rest of the gap goes into the fixed per-request path. The loads are then simulated on
+the fitted profile; the loaded runs never feed the fit.
 
 What the simulator models of this machine: the stage processes share `shared_cores` cores
 (processor sharing), each runs torch with `--threads` threads, the scheduler processes each image
@@ -36,6 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import GATE, ROOT, SMALL_MODEL_DIR, TRACES_DIR, ensure_model, finish_report, say  # noqa: E402
+
+
+ISOLATED_GAP_S = 4.0  # between isolated requests: longer than the longest one takes here
 
 
 def rel(sim: float | None, live: float | None) -> float | None:
@@ -82,51 +86,6 @@ def sim_requests(seq: list, profile) -> list:
     per = profile.prompt_tokens_per_image
     return [SimRequest(f"v{k}", r.arrival_s, max(1, r.context_tokens - r.num_images * per), r.num_images,
                        r.generated_tokens) for k, r in enumerate(seq)]
-
-
-def calibrate(profile, live_recs: list, sim_recs: list, resimulate) -> tuple[object, dict]:
-    """The profile fitted to the deployment on the ISOLATED requests only (never the loaded runs).
-
-    1. Encode and prefill calls are scaled by the slope of live TTFT against simulated TTFT (least
-       squares over the isolated requests, which differ in prompt length and images; the engines
-       were profiled in one process, the deployment adds the hops and the stage processes' own
-       work per token), clipped to [0.5, 3].
-    2. Decode steps are scaled by the median of live over simulated time per output token.
-    3. What is left of the gap, the median live minus re-simulated TTFT, is the fixed per-request
-       path the tables do not see (client, gRPC, scheduler, Redis hops): added to ``client``.
-    `resimulate(profile)`: the simulated records of the same isolated requests on `profile`."""
-    import statistics
-    from dataclasses import replace as dc_replace
-
-    from prism.sim.profile import StageTable
-
-    def scaled(table, factor):
-        return StageTable({b: tuple((t, ms * factor) for t, ms in pts) for b, pts in table.curves.items()},
-                          table.tp_speedup)
-
-    pairs = [(lr, sr) for lr, sr in zip(live_recs, sim_recs) if lr.ttft_ms is not None and sr.ttft_ms is not None]
-    if len(pairs) < 2:
-        return profile, {"applied": False, "reason": "fewer than two isolated requests completed in both"}
-    xs, ys = [sr.ttft_ms for _, sr in pairs], [lr.ttft_ms for lr, _ in pairs]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 1.0
-    slope = min(3.0, max(0.5, slope))
-    ratios = [lr.tpot_ms / sr.tpot_ms for lr, sr in pairs if lr.tpot_ms and sr.tpot_ms]
-    decode_scale = statistics.median(ratios) if ratios else 1.0
-    stages = dict(profile.stages)
-    stages["encode"] = scaled(stages["encode"], slope)
-    stages["prefill"] = scaled(stages["prefill"], slope)
-    stages["decode"] = scaled(stages["decode"], decode_scale)
-    fitted = dc_replace(profile, stages=stages)
-    again = resimulate(fitted)
-    gap_ms = statistics.median(lr.ttft_ms - sr.ttft_ms for lr, sr in zip(live_recs, again)
-                               if lr.ttft_ms is not None and sr.ttft_ms is not None)
-    overheads = dict(fitted.overheads_ms)
-    overheads["client"] = max(0.0, overheads.get("client", 0.0) + gap_ms)
-    fitted = dc_replace(fitted, overheads_ms=overheads)
-    return fitted, {"applied": True, "requests": len(pairs), "encode_prefill_scale": round(slope, 4),
-                    "decode_scale": round(decode_scale, 4), "client_overhead_added_ms": round(gap_ms, 2)}
 
 
 def brief(s: dict) -> dict:
@@ -194,13 +153,17 @@ def main() -> None:
         seq = sequences(args, limits)
         warm = at_rate(seq[:6], 1.0)
         replay(dep.address, warm, workload=workload)  # warm-up, not measured
-        # isolated requests (3 s apart): the fixed per-request part of the error, without queueing
-        iso = [replace(r, arrival_s=3.0 * k) for k, r in enumerate(seq[:args.isolated])]
+        # isolated requests (4 s apart, no queueing): every image count of the sequence and a
+        # spread of prompt lengths (`prism.sim.calibrate.pick_isolated`), the calibration's only input
+        from prism.sim.calibrate import fit_profile, pick_isolated
+
+        picked = pick_isolated([r.num_images for r in seq], [r.context_tokens for r in seq], args.isolated)
+        iso = [replace(seq[k], arrival_s=ISOLATED_GAP_S * j) for j, k in enumerate(picked)]
         GATE.wait()
         iso_live_recs = replay(dep.address, iso, workload=workload)
         iso_sim_res = simulate(sim_requests(iso, profile), config, profile)
-        iso_live = summarize(iso_live_recs, duration_s=3.0 * len(iso), **slo)
-        iso_sim = summarize_result(iso_sim_res, duration_s=3.0 * len(iso), **slo)
+        iso_live = summarize(iso_live_recs, duration_s=ISOLATED_GAP_S * len(iso), **slo)
+        iso_sim = summarize_result(iso_sim_res, duration_s=ISOLATED_GAP_S * len(iso), **slo)
         report["isolated"] = {"live": brief(iso_live), "sim": brief(iso_sim),
                               "rel_error": {"ttft_p50": rel(iso_sim["ttft_ms"]["p50"], iso_live["ttft_ms"]["p50"]),
                                             "tpot_p50": rel(iso_sim["tpot_ms"]["p50"], iso_live["tpot_ms"]["p50"])}}
@@ -211,9 +174,20 @@ def main() -> None:
                 by_arrival = {r.arrival_s: r for r in res.records}
                 return [by_arrival.get(r.arrival_s) or r for r in iso_live_recs]
 
-            profile, report["calibration"] = calibrate(
-                profile, iso_live_recs, paired(iso_sim_res),
-                lambda p: paired(simulate(sim_requests(iso, p), config, p)))
+            def resimulate(p) -> tuple[list, list]:
+                recs = paired(simulate(sim_requests(iso, p), config, p))
+                return [r.ttft_ms for r in recs], [r.tpot_ms for r in recs]
+
+            fit = fit_profile(profile, [r.ttft_ms for r in iso_live_recs], [r.tpot_ms for r in iso_live_recs],
+                              resimulate)
+            if fit is None:
+                report["calibration"] = {"applied": False, "reason": "fewer than two isolated requests completed"}
+            else:
+                profile, report["calibration"] = fit.profile, fit.as_dict()
+                report["calibration"]["isolated_shapes"] = [
+                    {"images": r.num_images, "prompt": r.context_tokens, "new": r.generated_tokens,
+                     "live_ttft_ms": None if lr.ttft_ms is None else round(lr.ttft_ms, 1)}
+                    for r, lr in zip(iso, iso_live_recs)]
             say(f"calibrated on the isolated requests: {report['calibration']}")
         for load in loads:
             reqs = at_rate(seq, load)
