@@ -23,7 +23,9 @@ local redis-server):
    deployments of the same system: `admission_only` (no profile: admission's per-stage estimate
    decides deadlines), `selection_off` (the profile with no reduction in it: the selection's
    program decides deadlines, every request served as sent) and `selection_on` (the profile with
-   every reduction: the program reduces arrivals and reassigns queued requests).
+   every reduction: the program reduces arrivals and reassigns queued requests, and while the
+   arrivals overload a stage it trades accuracy for work at the scheduler's load price,
+   `--price`, so arrivals come reduced before deadlines force it).
 
 Goodput: requests that finish all their tokens within their deadline (client-measured) with the
 expected accuracy of what was served at or above their floor (the full request: 1.0), per
@@ -76,6 +78,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--parallelism", type=float, default=0.0,
                    help="cores the stage processes share (the selection program's overlap bound; 0: none, "
                         "the capacities measured live already carry the processes' contention)")
+    p.add_argument("--price", type=float, default=1.0,
+                   help="the scheduler's --selection-price (accuracy per second of work per unit of overload; 0: "
+                        "reduce only to meet deadlines)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--work-dir", type=Path, default=ROOT / ".bench" / "selection")
@@ -127,7 +132,8 @@ def deployment(args, name: str, profile: Path | None):
     from prism.launch import Deployment, DeploymentOptions
 
     sched = [] if profile is None else ["--selection-profile", str(profile), "--selection-parallelism",
-                                        f"{args.parallelism:g}"] + (["--no-selection-overlap"] if args.serial_model else [])
+                                        f"{args.parallelism:g}", "--selection-price", f"{args.price:g}"] + (
+        ["--no-selection-overlap"] if args.serial_model else [])
     options = DeploymentOptions(model_dir=args.model_dir, layout=args.layout, placement=args.layout,
                                 threads=args.threads, slots=16, max_len=2048, log_dir=args.work_dir / "logs" / name,
                                 extra_args={"scheduler": sched})
@@ -249,7 +255,8 @@ def run_mode(args, name: str, profile: Path | None, seq: list, prompts: Prompts,
         out["selector"] = {"decisions": sel.decisions, "decision_p50_ms": rnd(sel.decision_p50_ms, 3),
                            "decision_p99_ms": rnd(sel.decision_p99_ms, 3), "decision_max_ms": rnd(sel.decision_max_ms, 3),
                            "fitted": sel.fitted, "refused": sel.refused, "reassigned": sel.reassigned,
-                           "lost_races": sel.lost_races}
+                           "lost_races": sel.lost_races, "last_load_price": rnd(sel.load_price, 3),
+                           "last_offered_load": rnd(sel.offered_load, 3)}
     return out, idle
 
 
@@ -269,12 +276,14 @@ def main(argv=None) -> None:
         "benchmark": "deadline-driven modality selection (issue 4)",
         "model": "llava small (fp32)", "layout": args.layout, "threads_per_worker": args.threads,
         "selection_model": "serial" if args.serial_model else f"stage queues, parallelism {args.parallelism or 'unbounded'}",
+        "selection_price": args.price,
         "sequence": meta, "profile": profile_meta,
         "calibration": {"idle_e2e_ms_by_images": {str(k): rnd(v * 1000, 1) for k, v in idle.items()},
                         "sustainable_rate_per_s": round(1 / mean_s, 3), "deadline_x": args.deadline_x},
         "modes": {"admission_only": "no profile: admission's per-stage estimate decides deadlines",
                   "selection_off": "the profile with no reduction: the program decides deadlines, inputs as sent",
-                  "selection_on": "the profile with every reduction: the program reduces and reassigns"},
+                  "selection_on": "the profile with every reduction: the program reduces and reassigns, and under "
+                                  "overload trades accuracy for work at the load price (--price)"},
         "admission_only": admission, "selection_off": off, "selection_on": on, "ratios": {},
     }
     for load in loads:

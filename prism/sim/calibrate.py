@@ -9,10 +9,11 @@ in the profile:
     ttft = fixed + e * encode_ms + p * prefill_ms
 
 For each isolated request the simulator gives its encode and prefill parts (the TTFT's change when
-that stage's table is stretched by `PROBE`), and a least-squares fit of the live TTFTs gives the
-scales ``e`` and ``p`` (clipped to ``[LO, HI]``); what is left of the gap, the median of live minus
-re-simulated TTFT, is the fixed per-request path (client, gRPC, scheduler, Redis) added to the
-``client`` overhead. Decode steps are scaled by the median of live over simulated time per output
+that stage's table is stretched by `PROBE`), and a least-squares fit of the live TTFTs in RELATIVE
+terms (each request's residual over its live TTFT: a short text prompt weighs as much as a long
+multi-image one, as the p50 and p99 errors the fit serves do) gives the scales ``e`` and ``p``
+(clipped to ``[LO, HI]``); what is left of the gap, the median of live minus re-simulated TTFT, is
+the fixed per-request path (client, gRPC, scheduler, Redis) added to the ``client`` overhead. Decode steps are scaled by the median of live over simulated time per output
 token. With no image request among the isolated ones, encode takes the prefill's scale.
 
 `pick_isolated` chooses which requests of a sequence to send alone so that the fit sees every
@@ -113,8 +114,9 @@ def fit_profile(profile: SimProfile, live_ttft_ms: Sequence[float | None], live_
         if None in (live, b, e, p):
             continue
         enc_ms, pre_ms = (e - b) / (PROBE - 1), (p - b) / (PROBE - 1)
-        rows.append((enc_ms, pre_ms, 1.0))
-        ys.append(live - (b - enc_ms - pre_ms))  # live minus the simulated fixed part
+        w = 1.0 / max(live, 1e-3)  # relative residuals
+        rows.append((w * enc_ms, w * pre_ms, w))
+        ys.append(w * (live - (b - enc_ms - pre_ms)))  # live minus the simulated fixed part
     if len(rows) < 2:
         return None
     has_media = sum(1 for r in rows if r[0] > 1e-6) >= 1
@@ -122,7 +124,7 @@ def fit_profile(profile: SimProfile, live_ttft_ms: Sequence[float | None], live_
         if has_media and len(rows) >= 3:
             e_s, p_s, _ = _lstsq(rows, ys)
         else:
-            p_s, _ = _lstsq([(r[0] + r[1], 1.0) for r in rows], ys)
+            p_s, _ = _lstsq([(r[0] + r[1], r[2]) for r in rows], ys)
             e_s = p_s
     except ZeroDivisionError:
         e_s = p_s = 1.0

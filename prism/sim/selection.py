@@ -27,7 +27,16 @@ from typing import Any
 from prism.profiling.schema import AccuracyEntry, ModelInfo, Profile, ProfileError, check_reduction_id
 from prism.profiling.schema import load as load_profile
 from services.scheduler.core.selection import FULL, Flow, Strategy, admit_with_selection
-from services.scheduler.core.selection_jobs import Served, job_of, new_job, offered, serving_order, tick_changes
+from services.scheduler.core.selection_jobs import (
+    LoadPrice,
+    Served,
+    arrival_price,
+    job_of,
+    new_job,
+    offered,
+    serving_order,
+    tick_changes,
+)
 
 __all__ = ["DOWNSCALE_IMAGES", "DROP_IMAGES", "DROP_MODALITY", "IMAGE_SCALES", "Inputs", "SelectionConfig",
            "SelectionStats", "SimReduce", "SimSelector", "load_selection_profile", "profile_from_accuracy",
@@ -144,6 +153,10 @@ class SelectionConfig:
     """The solver's time limit (live: 0.01 s); None: solved to optimality, deterministic."""
     max_changes: int = 3
     """Reassignments per request at most (live ``MAX_CHANGES``)."""
+    price: float = 1.0
+    """The price of work under overload (``--selection-price``; 0: reduce only to meet deadlines)."""
+    price_window_s: float = 10.0
+    """Seconds of arrivals the offered load is measured over (``--selection-price-window-s``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", frozenset(self.kinds))
@@ -155,6 +168,8 @@ class SelectionConfig:
             raise ValueError(f"parallelism: must be 0 or >= 1, got {self.parallelism}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ValueError("time_limit_s must be > 0 or None")
+        if not self.price >= 0 or not self.price_window_s > 0:
+            raise ValueError("price must be >= 0 and price_window_s > 0")
 
     @property
     def enabled(self) -> bool:
@@ -202,6 +217,7 @@ class SimSelector:
     def __init__(self, config: SelectionConfig, sim: Any):
         self.config, self.sim = config, sim
         self.flow = config.flow()
+        self.load_price = LoadPrice(config.price, config.price_window_s) if config.price else None
         self.served: dict[str, Any] = {}  # request id -> the simulator's request state, accepted and not finished
         self.stats = SelectionStats()
 
@@ -281,7 +297,8 @@ class SimSelector:
                       media_tokens=full.media_tokens, prompt_tokens=r.text_tokens + full.images * full.prompt_tokens_per_image,
                       max_new_tokens=r.max_new_tokens)
         decision = admit_with_selection(jobs, new, now, capacity, order=self.order([*jobs, new]),
-                                        time_limit_s=self.config.time_limit_s, flow=self.flow)
+                                        time_limit_s=self.config.time_limit_s, flow=self.flow,
+                                        price=arrival_price(self.load_price, now, new, capacity))
         self.stats.decisions += 1
         self.stats.log.append((r.request_id, now, decision))
         if not decision.ok:
@@ -368,7 +385,8 @@ class SimSelector:
         if not capacity:
             return 0
         jobs = self.jobs()
-        changes = tick_changes(jobs, self.sim.clock.now, capacity, order=self.order(jobs),
-                               time_limit_s=self.config.time_limit_s, flow=self.flow)
+        now = self.sim.clock.now
+        changes = tick_changes(jobs, now, capacity, order=self.order(jobs), time_limit_s=self.config.time_limit_s,
+                               flow=self.flow, price=self.load_price.price(now) if self.load_price else 0.0)
         self.stats.decisions += 1
         return self.apply(changes)

@@ -15,10 +15,10 @@ from prism.runtime.telemetry import inject_trace_context
 from prism.v1 import admin_pb2_grpc, prism_pb2_grpc
 from services.scheduler.adapting import AdaptationLoop
 from services.scheduler.admin import AdminServicer, Scaling
+from services.scheduler.applier import ConfigApplier
 from services.scheduler.auth import ApiKeyInterceptor
 from services.scheduler.cluster import Cluster
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.applier import ConfigApplier
 from services.scheduler.core import Admission, Limits, Placement
 from services.scheduler.core.variants import Variant, VariantMix
 from services.scheduler.intake import ServedModel
@@ -77,7 +77,8 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
         profile = load_profile(config.selection_profile)
     servicer = PrismServicer({model.name: model}, model.name, config.limits, pipeline, backend.store,
                              owner=config.server.worker_name, lease_s=config.request_lease_s, profile=profile,
-                             selection_flow=config.selection_flow(), variants=variants, mix=mix)
+                             selection_flow=config.selection_flow(), variants=variants, mix=mix,
+                             load_price=config.selection_load_price())
     applier = ConfigApplier(cluster, mix, inflight=lambda: [p.adm.variant for p in pipeline.inflight.values()
                                                              if p.adm is not None],
                             stop_delay_s=config.adapt.adapt_stop_delay_s)

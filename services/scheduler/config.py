@@ -171,6 +171,12 @@ class SchedulerConfig:
         "help": "selection's model: the stages overlap as a flow shop (split workers); off: one server, every stage of every request in series"})
     selection_parallelism: float = field(default=0.0, metadata={
         "help": "cores or devices the stages share, bounding how much of their work overlaps (0: each stage its own; e.g. 2 for single-threaded stage processes on two cores)"})
+    selection_price: float = field(default=1.0, metadata={
+        "help": "accuracy the selection trades per second of work while arrivals overload a stage, per unit of "
+                "overload: price = this x (offered load - 1), so requests arrive reduced before deadlines force it "
+                "(never below their floors); 0: reduce only to meet deadlines"})
+    selection_price_window_s: float = field(default=10.0, metadata={
+        "help": "seconds of arrivals the offered load is measured over (the selection's price)"})
     api_keys: str = field(default="", metadata={
         "help": 'API keys, as JSON {"keys": [{"name", "sha256", "rate_per_s", "burst", "max_concurrent", "admin"}]} '
                 "(hashes only: `prism keys new` makes a key and its entry), usually from the environment "
@@ -204,6 +210,9 @@ class SchedulerConfig:
               f"{self.selection_profile} is not a file")
         check(self.selection_parallelism == 0 or self.selection_parallelism >= 1, "selection_parallelism",
               f"must be 0 (unbounded) or >= 1, got {self.selection_parallelism}")
+        check(self.selection_price >= 0, "selection_price", f"must be >= 0, got {self.selection_price}")
+        check(self.selection_price_window_s > 0, "selection_price_window_s",
+              f"must be > 0, got {self.selection_price_window_s}")
         check(self.api_keys_file is None or Path(self.api_keys_file).is_file(), "api_keys_file",
               f"{self.api_keys_file} is not a file")
         try:
@@ -225,6 +234,14 @@ class SchedulerConfig:
         from services.scheduler.core.selection import Flow
 
         return Flow(parallelism=self.selection_parallelism or math.inf)
+
+    def selection_load_price(self):
+        """The selection's price of work under overload (`core.selection_jobs.LoadPrice`), or None."""
+        if not self.selection_price:
+            return None
+        from services.scheduler.core.selection_jobs import LoadPrice
+
+        return LoadPrice(self.selection_price, self.selection_price_window_s)
 
     def variant_list(self) -> list[tuple[str, Path, float]]:
         """The variants as (name, checkpoint directory, accuracy); empty without variants."""

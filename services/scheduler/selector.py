@@ -17,6 +17,10 @@ the caller's floor are not offered, the full request always is).
   when selection is on, while admission still applies the limits, back-pressure, placement and
   a TTFT target (there, and for requests without a deadline, only the request's own reductions
   are tried, most accurate first).
+* **Overload** (`LoadPrice`): while the arrivals' work exceeds a stage's measured capacity, the
+  program trades accuracy for work at a price that grows with the overload, so arrivals and
+  queued jobs are served on cheaper inputs (never below a floor) before deadlines force it and
+  more requests finish in time.
 * **A slow stage**: every `every_s` the queue is checked against the measured stage capacities
   (`tick`); when a deadline is at risk, the reassignable jobs are reassigned the same way (a
   job late even on its cheapest strategy is put on it, and constrains no one).
@@ -45,7 +49,9 @@ from prism.runtime import metrics
 from prism.v1 import common_pb2, prism_pb2
 from services.scheduler.core.selection import FULL, Flow, Job, Strategy, admit_with_selection
 from services.scheduler.core.selection_jobs import (
+    LoadPrice,
     Served,
+    arrival_price,
     job_of,
     new_job,
     offered,
@@ -91,12 +97,16 @@ class Stats:
     refused: int = 0
     reassigned: int = 0  # queued requests whose inputs were changed
     lost_races: int = 0  # reassignments not applied: a worker had started encoding
+    price: float = 0.0  # the load price at the latest arrival (`LoadPrice`)
+    offered_load: float = 0.0  # the offered load at the latest arrival
 
 
 class Selector:
     def __init__(self, profile: Any, pipeline: Pipeline, executor: concurrent.futures.Executor, *,
-                 every_s: float = 0.25, time_limit_s: float = 0.01, flow: Flow | None = None):
+                 every_s: float = 0.25, time_limit_s: float = 0.01, flow: Flow | None = None,
+                 load_price: LoadPrice | None = None):
         self.profile = profile
+        self.load_price = load_price  # None: the program trades no accuracy for work (deadlines only)
         self.flow = flow  # the program's model: stages overlapping (a flow shop), or None: in series
         self.pipeline = pipeline
         self.executor = executor
@@ -221,6 +231,13 @@ class Selector:
                        media_tokens=c["media_tokens"], prompt_tokens=c["prompt_tokens"],
                        max_new_tokens=adm.max_new_tokens)
 
+    def _price(self, now: float, new: Job, capacity: dict[str, float]) -> float:
+        """The arrival counted in the offered load; the price of work now (`LoadPrice`)."""
+        price = arrival_price(self.load_price, now, new, capacity)
+        if self.load_price is not None:
+            self.stats.price, self.stats.offered_load = price, self.load_price.load(now)
+        return price
+
     async def _solve(self, fn, *args, **kw):
         started = time.perf_counter()
         try:
@@ -247,7 +264,7 @@ class Selector:
             now, jobs, new = time.time(), self.jobs(), self._new_job(adm, entry)
             decision = await self._solve(admit_with_selection, jobs, new, now, capacity,
                                          order=self.order([*jobs, new]), time_limit_s=self.time_limit_s,
-                                         flow=self.flow)
+                                         flow=self.flow, price=self._price(now, new, capacity))
             if not decision.ok:
                 self.stats.refused += 1
                 rates = ", ".join(f"{s} {capacity[s]:.0f}" for s in ("encode", "prefill", "decode") if s in capacity)
@@ -341,8 +358,9 @@ class Selector:
             if not capacity:
                 return 0
             now, jobs = time.time(), self.jobs()
+            price = self.load_price.price(now) if self.load_price is not None else 0.0
             changes = await self._solve(tick_changes, jobs, now, capacity, order=self.order(jobs),
-                                        time_limit_s=self.time_limit_s, flow=self.flow)
+                                        time_limit_s=self.time_limit_s, flow=self.flow, price=price)
             return await self._apply(changes)
 
     async def run(self) -> None:

@@ -25,7 +25,13 @@ from prism.v1 import prism_pb2, prism_pb2_grpc, stages_pb2
 from services.scheduler.core.variants import VariantError, VariantMix
 from services.scheduler.intake import Admitted, Limits, RequestError, ServedModel, admit
 from services.scheduler.pipeline import Pipeline, Progress, StageError, abort
-from services.scheduler.selector import MODALITY, Selector, reduction_json, reductions_proto, with_stored_reduction
+from services.scheduler.selector import (
+    MODALITY,
+    Selector,
+    reduction_json,
+    reductions_proto,
+    with_stored_reduction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
     def __init__(self, models: dict[str, ServedModel], default_model: str, limits: Limits, pipeline: Pipeline,
                  store: RequestStore, *, owner: str, lease_s: float, profile: Any = None,
                  selection_flow: Any = None, variants: dict[str, ServedModel] | None = None,
-                 mix: VariantMix | None = None):
+                 mix: VariantMix | None = None, load_price: Any = None):
         self.models, self.default_model, self.limits = models, default_model, limits
         #: Variants of the default model served side by side (each its own pipeline of workers)
         #: and the mix that picks one for a request pinning none; None: no variants.
@@ -44,7 +50,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         self.owner, self.lease_s = owner, lease_s
         # Processing (media decoding, image processors, tokenizer) runs off the event loop.
         self._intake = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake")
-        self.selector = Selector(profile, pipeline, self._intake, flow=selection_flow)
+        self.selector = Selector(profile, pipeline, self._intake, flow=selection_flow, load_price=load_price)
         self._drivers: dict[str, asyncio.Task] = {}
         self._active: set[str] = set()  # requests this scheduler is driving now
 

@@ -214,3 +214,39 @@ async def test_a_slow_stage_reassigns_a_queued_request_at_risk(tiny_models, orac
     assert last0.reductions.strategy == "full" and tok0 == oracle.chat("first", [random_image(90)], 6)
     assert last1.reductions.strategy == "drop_images:1"
     assert tok1 == oracle.chat("second", [random_image(91)], 6)
+
+
+@pytest.mark.parametrize("price", [0.0, 1.0])
+async def test_under_overload_an_arrival_that_fits_whole_comes_reduced(tiny_models, oracle, profile, price):
+    """Two arrivals of two images each within the price window at 50 tokens/s of encoding: 5.1 s
+    of encoder work in 2 s, an offered load of 2.56. Both fit their 60 s deadlines whole; priced
+    (`--selection-price 1`), the second, which allows dropping an image, arrives reduced (worth
+    0.8 - 1.56 x 1.3 s against 1.0 - 1.56 x 2.6 s), and unpriced it is served as sent. The status
+    reports the price; the tokens are exact on the inputs served."""
+    import asyncio
+
+    layout = [("encode",), ("prefill",), ("decode",)]
+    async with LocalCluster(tiny_models["llava"], layout, policy=SLOW, selection_profile=str(profile),
+                            scheduler_args={"selection_price": price, "selection_price_window_s": 2.0}) as c:
+        gate = _gate(c)
+        selector = c.parts["servicer"].selector
+        t0 = asyncio.create_task(collect(c.stub, _two_images("first", (95, 96), 60_000, allow=False)))
+        await _until(lambda: len(selector.served) == 1)
+        t1 = asyncio.create_task(collect(c.stub, _two_images("second", (97, 98), 60_000, allow=True)))
+        await _until(lambda: len(selector.served) == 2)
+        sel = (await c.status()).selection
+        gate.set()
+        (tok0, last0), (tok1, last1) = await asyncio.gather(t0, t1)
+    assert last0.reductions.strategy == "full"
+    assert tok0 == oracle.chat("first", [random_image(95), random_image(96)], 6)
+    if price:
+        assert sel.offered_load == pytest.approx(2 * 2 * 64 / 50 / 2.0, rel=0.05)
+        assert sel.load_price == pytest.approx(sel.offered_load - 1.0, rel=1e-6) and sel.load_price > 1
+        assert (last1.reductions.strategy, list(last1.reductions.dropped_images)) == ("drop_images:1", [1])
+        assert last1.reductions.expected_accuracy == 0.8 and last1.placement.attempts == 1
+        assert tok1 == oracle.chat("second", [random_image(97)], 6)
+    else:
+        assert (sel.load_price, sel.offered_load) == (0.0, 0.0)
+        assert last1.reductions.strategy == "full"
+        assert tok1 == oracle.chat("second", [random_image(97), random_image(98)], 6)
+    assert sel.refused == 0

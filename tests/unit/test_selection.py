@@ -25,6 +25,7 @@ from services.scheduler.core.selection import (
     stage_seconds,
     strategy_table,
 )
+from services.scheduler.core.selection_jobs import LoadPrice, arrival_price
 
 CAP = {"encode": 1000.0, "prefill": 2000.0, "decode": 100.0}
 
@@ -103,13 +104,14 @@ def meets(ordered, picks, now, capacity=None, flow=None):
                for j, f in zip(ordered, finishes(ordered, picks, now, capacity, flow)))
 
 
-def exhaustive(jobs, now, order=EDF, capacity=None, flow=None):
-    """(best total accuracy, least total work at it) over every assignment, or None."""
+def exhaustive(jobs, now, order=EDF, capacity=None, flow=None, price=0.0):
+    """(best total accuracy less `price` x work, least total work at it) over every assignment, or None."""
     ordered = serving_order(jobs, order)
     best = None
     for picks in itertools.product(*(allowed(j) for j in ordered)):
         if meets(ordered, picks, now, capacity, flow):
-            key = (sum(x.accuracy for x in picks), -sum(x.seconds(capacity) for x in picks))
+            work = sum(x.seconds(capacity) for x in picks)
+            key = (sum(x.accuracy for x in picks) - price * work, -work)
             if (best is None or key[0] > best[0] + 1e-9
                     or (abs(key[0] - best[0]) <= 1e-9 and key[1] > best[1])):
                 best = key
@@ -208,6 +210,66 @@ def test_reassign_under_overlapping_stages_equals_exhaustive_search(case, flow):
     check_assignment(jobs, result, now, order, flow=flow)
     assert result.objective == pytest.approx(expected[0], abs=1e-9)
     assert result.work_s == pytest.approx(expected[1], abs=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(queues(), st.sampled_from([None, Flow(), Flow(parallelism=2.0), Flow(strict=True)]),
+       st.sampled_from([0.01, 0.05, 0.1, 0.3, 1.0]))
+def test_a_priced_reassignment_equals_exhaustive_search(case, flow, price):
+    """With a load price the program maximises accuracy less price x work, exactly, never below a
+    floor and meeting every deadline; the reported objective stays the plain accuracy."""
+    jobs, now, order = case
+    expected = exhaustive(jobs, now, order, flow=flow, price=price)
+    result = reassign(jobs, now, order=order, keep_feasible=False, flow=flow, price=price)
+    if expected is None:
+        assert not result.feasible and result.changed == ()
+        return
+    assert result.feasible
+    check_assignment(jobs, result, now, order, flow=flow)
+    ordered = serving_order(jobs, order)
+    picks = [strat(j, result.choice[j.request_id]) for j in ordered]
+    assert sum(x.accuracy for x in picks) - price * result.work_s == pytest.approx(expected[0], abs=1e-6)
+    assert result.work_s == pytest.approx(expected[1], abs=1e-6)
+
+
+def test_a_price_reduces_an_arrival_that_would_fit_whole():
+    """Without a price an arrival that fits is served whole; with one it is served on the strategy
+    whose accuracy less price x work is best, never below its floor, and a price too small to pay
+    for the drop changes nothing."""
+    whole, half, none = Strategy(FULL, 1.0, work_s={"encode": 4}), Strategy("half", 0.9, work_s={"encode": 2}), \
+        Strategy("none", 0.6, work_s={"encode": 0})
+    arrival = Job("a", (whole, half, none), deadline=100.0, floor=0.7)
+    assert admit_with_selection([], arrival, 0.0).strategy == FULL
+    assert admit_with_selection([], arrival, 0.0, price=0.01).strategy == FULL  # 0.1 for 2 s: worth it
+    assert admit_with_selection([], arrival, 0.0, price=0.1).strategy == "half"  # "none" is below the floor
+    assert admit_with_selection([], replace(arrival, floor=0.5), 0.0, price=0.1).strategy == "half"  # 0.7 > 0.6
+    assert admit_with_selection([], replace(arrival, floor=0.5), 0.0, price=0.2).strategy == "none"  # 0.6 > 0.5
+    pinned = Job("p", (whole,), deadline=100.0)
+    assert admit_with_selection([], pinned, 0.0, price=5.0).strategy == FULL  # nothing to reduce
+    with pytest.raises(ValueError, match="price"):
+        reassign([arrival], 0.0, price=-1.0)
+
+
+def test_the_load_price_follows_the_offered_load():
+    lp = LoadPrice(scale=2.0, window_s=10.0)
+    assert lp.price(0.0) == 0.0
+    for t in range(10):  # 0.5 s of encode work a second: the stage keeps up
+        lp.arrived(float(t), {"encode": 0.5, "prefill": 0.2})
+    assert lp.load(9.5) == pytest.approx(0.5) and lp.price(9.5) == 0.0
+    for t in range(10):  # then 3 s of prefill work a second
+        lp.arrived(10.0 + t, {"encode": 0.1, "prefill": 3.0})
+    assert lp.load(19.5) == pytest.approx(3.0)  # the busiest stage; the first window has passed
+    assert lp.price(19.5) == pytest.approx(2.0 * (3.0 - 1.0))
+    assert lp.price(40.0) == 0.0  # nothing arrived in the last window
+    off = LoadPrice(scale=0.0)
+    off.arrived(0.0, {"encode": 100.0})
+    assert off.price(0.0) == 0.0
+    with pytest.raises(ValueError):
+        LoadPrice(scale=-1.0)
+    job = Job("n", (Strategy(FULL, 1.0, encode_tokens=200, prefill_tokens=100),), deadline=5.0)
+    lp2 = LoadPrice(scale=1.0, window_s=1.0)
+    assert arrival_price(lp2, 0.0, job, {"encode": 100.0, "prefill": 100.0}) == pytest.approx(1.0)  # 2 s of encode
+    assert arrival_price(None, 0.0, job, {"encode": 100.0, "prefill": 100.0}) == 0.0
 
 
 def test_overlapping_stages_admit_what_one_server_cannot():

@@ -71,7 +71,7 @@ def test_reductions_are_the_image_reductions_of_prism_models_reduce():
 
 def test_selection_run_is_deterministic_and_reports(profile):
     reqs = _requests()
-    a, b = simulate(reqs, _config(), profile), simulate(reqs, _config(), profile)
+    a, b = simulate(reqs, _config(price=0.0), profile), simulate(reqs, _config(price=0.0), profile)
     assert a.records == b.records
     assert a.outcomes == b.outcomes and a.decisions == b.decisions and a.selection == b.selection
     assert a.selection["reassigned"] > 0 and a.selection["fitted"] > 0
@@ -84,6 +84,23 @@ def test_selection_run_is_deterministic_and_reports(profile):
     assert stats["strategies"] == {k: sum(1 for o in a.outcomes if o[1] == "OK" and o[2] == k) for k in used}
     good = [o for o in a.outcomes if o[1] == "OK" and o[6] <= o[5] and (o[2] == FULL or o[3] >= o[4])]
     assert stats["good_deadline_floor"] == len(good)
+
+
+def test_under_overload_the_load_price_serves_more_requests_in_time(profile):
+    """The same overloaded arrivals, selection priced (the default) and not: priced, arrivals come
+    reduced before deadlines force it, so more finish in time at or above their floors."""
+    reqs = _requests()
+    good = {}
+    for price in (0.0, 1.0):
+        res = simulate(reqs, _config(price=price), profile)
+        stats = summarize_result(res, ttft_slo_ms=1e6, tpot_slo_ms=1e6, duration_s=10.0)["selection"]
+        good[price] = stats["good_deadline_floor"]
+        for o in res.outcomes:
+            if o[1] == "OK" and o[2] != FULL:
+                assert o[3] >= o[4]  # never below the floor
+    assert good[1.0] > good[0.0]
+    with pytest.raises(ValueError, match="price"):
+        SelectionConfig(profile_from_accuracy(ACC), price=-1.0)
 
 
 def test_decisions_equal_the_core_program_on_the_same_queue(profile, monkeypatch):
@@ -135,7 +152,7 @@ def test_request_allowing_nothing_is_never_changed(profile):
 
 
 def test_reassignment_touches_only_requests_not_yet_encoded(profile, monkeypatch):
-    sim = Simulator(_config(), profile)
+    sim = Simulator(_config(price=0.0), profile)  # unpriced: arrivals come whole, ticks reassign them
     taken_back, reattempts = [], []
     real_take, real_re = sim.take_back, sim.reattempt
 

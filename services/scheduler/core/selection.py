@@ -243,32 +243,35 @@ class Admit:
 
 class _Plan:
     """One job in serving order: its strategies' work and its Pareto frontier of allowed ones
-    (work and accuracy both strictly increasing; on exact ties the current, then the first)."""
+    (work and value both strictly increasing; on exact ties the current, then the first). A
+    strategy's value is its accuracy less `price` per second of its work (`reassign`)."""
 
-    __slots__ = ("job", "stage", "work", "acc", "allowed", "frontier", "cheapest", "best", "by_accuracy")
+    __slots__ = ("job", "stage", "work", "acc", "value", "allowed", "frontier", "cheapest", "best", "by_accuracy")
 
-    def __init__(self, job: Job, capacity: Capacity | None, flow: Flow | None = None) -> None:
+    def __init__(self, job: Job, capacity: Capacity | None, flow: Flow | None = None, price: float = 0.0) -> None:
         self.job = job
         self.stage = {s.id: s.stage_seconds(capacity) for s in job.strategies}  # {id: {stage: seconds}}
         self.work = {sid: math.fsum(w.values()) for sid, w in self.stage.items()}
         self.acc = {s.id: s.accuracy for s in job.strategies}
+        # rounded: equal values tie exactly (then the least work wins), whatever the float error
+        self.value = {sid: round(a - price * self.work[sid], 12) for sid, a in self.acc.items()} if price else self.acc
         self.allowed = frozenset(s.id for s in job.allowed)
         self.frontier: list[str] = []  # by work; under `flow` the strategies no other one dominates
         for *_, sid in sorted((self.work[s.id], -s.accuracy, s.id != job.current, k, s.id)
                               for k, s in enumerate(job.allowed)):
             if flow is None:
-                if not self.frontier or self.acc[sid] > self.acc[self.frontier[-1]]:
+                if not self.frontier or self.value[sid] > self.value[self.frontier[-1]]:
                     self.frontier.append(sid)
-            elif not any(self.acc[o] >= self.acc[sid] and all(
+            elif not any(self.value[o] >= self.value[sid] and all(
                     self.stage[o].get(st, 0.0) <= self.stage[sid].get(st, 0.0) for st in flow.stages)
                     for o in self.frontier):
                 self.frontier.append(sid)
-        self.by_accuracy = sorted(self.frontier, key=lambda sid: (-self.acc[sid], self.work[sid]))
+        self.by_accuracy = sorted(self.frontier, key=lambda sid: (-self.value[sid], self.work[sid]))
         self.cheapest, self.best = self.frontier[0], self.by_accuracy[0]
 
 
 def _plans(jobs: Iterable[Job], order: str | Sequence[str], capacity: Capacity | None,
-           flow: Flow | None = None) -> list[_Plan]:
+           flow: Flow | None = None, price: float = 0.0) -> list[_Plan]:
     jobs = tuple(jobs)
     by_id = {j.request_id: j for j in jobs}
     if len(by_id) != len(jobs):
@@ -283,7 +286,7 @@ def _plans(jobs: Iterable[Job], order: str | Sequence[str], capacity: Capacity |
         ranked = [by_id[r] for r in order]
     else:
         raise ValueError("order must be EDF, GIVEN or a permutation of the jobs' request ids")
-    return [_Plan(j, capacity, flow) for j in ranked]
+    return [_Plan(j, capacity, flow, price) for j in ranked]
 
 
 def _finishes(plans: Sequence[_Plan], choice: Sequence[str], now: float, flow: Flow | None = None) -> list[float]:
@@ -348,14 +351,19 @@ def _result(plans, choice, now, method, misses=(), variables=0, rows=0, flow=Non
 
 def reassign(jobs: Iterable[Job], now: float, capacity: Capacity | None = None, *,
              order: str | Sequence[str] = EDF, keep_feasible: bool = True,
-             time_limit_s: float | None = None, flow: Flow | None = None) -> Assignment:
+             time_limit_s: float | None = None, flow: Flow | None = None, price: float = 0.0) -> Assignment:
     """One allowed strategy per job, every deadline met, most accurate, then least work.
 
     With `keep_feasible` (the fast path) a current assignment on allowed strategies meeting every
     deadline is kept without solving, even where a more accurate one exists. `time_limit_s`
     bounds the solver (both passes); when it runs out the best assignment found is returned.
-    `flow`: the overlapping-stages model (module docstring); None: one server, the serial sum."""
-    plans = _plans(jobs, order, capacity, flow)
+    `flow`: the overlapping-stages model (module docstring); None: one server, the serial sum.
+    `price` (accuracy per second of work, >= 0; `LoadPrice`): the program maximises the total
+    accuracy less `price` times the total work, so under overload a strategy is worth its work
+    only when it buys at least `price` accuracy per second (floors still hold); 0: accuracy only."""
+    if not price >= 0:
+        raise ValueError(f"price must be >= 0, got {price}")
+    plans = _plans(jobs, order, capacity, flow, price)
     current = [p.job.current for p in plans]
     if keep_feasible and all(c in p.allowed for p, c in zip(plans, current)) \
             and not _late(plans, current, now, flow):
@@ -389,7 +397,7 @@ def reassign(jobs: Iterable[Job], now: float, capacity: Capacity | None = None, 
     free, var_sid, groups, pos = binaries.free, binaries.sid, binaries.groups, binaries.pos
     is_free = set(free)
     work = np.array([plans[i].work[s] for i, s in zip(pos, var_sid)])
-    acc = np.array([plans[i].acc[s] for i, s in zip(pos, var_sid)])
+    acc = np.array([plans[i].value[s] for i, s in zip(pos, var_sid)])
     fixed = np.cumsum([0.0 if i in is_free else p.work[best[i]] for i, p in enumerate(plans)])
     budget = np.array([plans[k].job.deadline - now - fixed[k] + TIME_TOL for k in binding])
     # A row is implied by a later one whose budget, less the least work between them, is tighter.
@@ -505,7 +513,7 @@ def _solve_flow(plans: Sequence[_Plan], best: Sequence[str], last: int, now: flo
                 const = math.fsum(sum(fixed[h]) for h in fixed if h <= i)
                 row({j: stage_work[j].sum() / flow.parallelism for j in prefix}, -np.inf,
                     deadline - now - const / flow.parallelism + TIME_TOL)
-    acc = np.array([plans[i].acc[s] for i, s in zip(pos, var_sid)])
+    acc = np.array([plans[i].value[s] for i, s in zip(pos, var_sid)])
     work_total = np.array([plans[i].work[s] for i, s in zip(pos, var_sid)])
     primary = np.concatenate([-_ACC_SCALE * acc, np.zeros(n - n_bin)])
     secondary = np.concatenate([work_total, np.zeros(n - n_bin)])
@@ -576,7 +584,8 @@ def _lex_milp(primary, secondary, groups, a_ub=None, b_ub=None, time_limit_s=Non
 
 def admit_with_selection(queued_jobs: Iterable[Job], new_job: Job, now: float,
                          capacity: Capacity | None = None, *, order: str | Sequence[str] = EDF,
-                         time_limit_s: float | None = None, flow: Flow | None = None) -> Admit:
+                         time_limit_s: float | None = None, flow: Flow | None = None,
+                         price: float = 0.0) -> Admit:
     """Fits `new_job` by reassigning the reassignable queued jobs, or refuses it.
 
     Never moves a job below its floor, never makes a queued job miss a deadline it could still
@@ -584,17 +593,21 @@ def admit_with_selection(queued_jobs: Iterable[Job], new_job: Job, now: float,
     changes nothing when the new job fits on its current strategy (fast path). Refusals are
     ``RESOURCE_EXHAUSTED`` naming the jobs that would miss (``DEADLINE_EXCEEDED``: deadline past)
     with a retry hint, the worst overshoot (queued work drains a second per second), or None
-    when the new job's own cheapest work exceeds its time left."""
+    when the new job's own cheapest work exceeds its time left. With a `price` (`reassign`) the
+    new job starts from its best-valued strategy, so under overload it arrives reduced."""
     queued, rid = tuple(queued_jobs), new_job.request_id
-    plans = _plans(queued + (new_job,), order, capacity, flow)
+    plans = _plans(queued + (new_job,), order, capacity, flow, price)
     ids = [p.job.request_id for p in plans]
+    if price and new_job.reassignable:
+        new_job = replace(new_job, current=plans[ids.index(rid)].best)
     if new_job.deadline is not None and new_job.deadline <= now:
         return Admit(False, "DEADLINE_EXCEEDED",
                      f"selection: {rid}: deadline passed {(now - new_job.deadline) * 1e3:.0f} ms ago", None,
                      None, _result(plans, [p.job.current for p in plans], now, "infeasible", flow=flow))
     late = {m.request_id for m in diagnose(queued, now, capacity, order=[i for i in ids if i != rid], flow=flow)}
     relaxed = [replace(j, deadline=None) if j.request_id in late else j for j in queued]
-    result = reassign(relaxed + [new_job], now, capacity, order=ids, time_limit_s=time_limit_s, flow=flow)
+    result = reassign(relaxed + [new_job], now, capacity, order=ids, time_limit_s=time_limit_s, flow=flow,
+                      price=price)
     already_late = tuple(i for i in ids if i in late)
     if result.feasible:
         changed = tuple(r for r in result.changed if r != rid)

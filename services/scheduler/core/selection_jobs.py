@@ -14,7 +14,9 @@ given, so both make the same decisions on the same state:
   order, then priority, earliest deadline, arrival (stage queues, `Flow`: each stage its running
   request first, `Served.running`, then priority, earliest deadline, arrival);
 * `tick_changes` -- the periodic check: a job late even on its cheapest strategy is put on it
-  (and constrains no one), the others are reassigned when a deadline is at risk.
+  (and constrains no one), the others are reassigned when a deadline is at risk;
+* `LoadPrice` -- what a second of work costs in accuracy now: nothing while the arrivals' work
+  fits the stages, `scale` x (offered load - 1) beyond (the program's `price`).
 
 Pure: no gRPC, Redis or torch.
 """
@@ -22,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from services.scheduler.core.selection import FULL, Capacity, Flow, Job, Strategy, diagnose, reassign
 
-__all__ = ["Served", "job_of", "new_job", "offered", "remaining", "serving_order", "tick_changes"]
+__all__ = ["LoadPrice", "Served", "arrival_price", "job_of", "new_job", "offered", "remaining", "serving_order",
+           "tick_changes"]
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ def serving_order(jobs: Sequence[Job], begun: Collection[str], flow: Flow | None
 
 
 def tick_changes(jobs: Sequence[Job], now: float, capacity: Capacity, *, order: Sequence[str],
-                 flow: Flow | None = None, time_limit_s: float | None = None) -> dict[str, str]:
+                 flow: Flow | None = None, time_limit_s: float | None = None, price: float = 0.0) -> dict[str, str]:
     """{request id: new strategy id} for the reassignable jobs when a deadline is at risk at
     `capacity` (the program's fast path keeps the current assignment when every deadline is met)."""
     late = {m.request_id for m in diagnose(jobs, now, capacity, order=order, flow=flow)}
@@ -134,7 +138,59 @@ def tick_changes(jobs: Sequence[Job], now: float, capacity: Capacity, *, order: 
                 changes[job.request_id] = cheapest
             job = dataclasses.replace(job, deadline=None, reassignable=False, current=cheapest)
         fixed.append(job)
-    result = reassign(fixed, now, capacity, order=order, time_limit_s=time_limit_s, flow=flow)
+    result = reassign(fixed, now, capacity, order=order, time_limit_s=time_limit_s, flow=flow, price=price)
     if result.feasible and not result.fast_path:
         changes.update({rid: result.choice[rid] for rid in result.changed})
     return changes
+
+
+def arrival_price(load_price: "LoadPrice | None", now: float, job: Job, capacity: Capacity) -> float:
+    """`job` (an arrival) counted in the offered load; the price of work now (0 without pricing)."""
+    if load_price is None:
+        return 0.0
+    full = next(s for s in job.strategies if s.id == FULL)
+    load_price.arrived(now, full.stage_seconds(capacity))
+    return load_price.price(now)
+
+
+class LoadPrice:
+    """The price of a second of work, in accuracy, from the offered load (MOSEL's point: under
+    overload serving everyone's every input serves fewer people in time).
+
+    Every arrival, admitted or not, adds its FULL request's work per stage (seconds at the
+    capacities of the moment, `Strategy.stage_seconds`); the offered load of a stage is its work
+    arrived in the last `window_s` seconds per second, the load the largest of them. The price is
+    ``scale * max(0, load - 1)``: zero while the stages keep up (the program then reduces only to
+    meet deadlines), and beyond, each queued or arriving request is served on the strategy whose
+    accuracy less price x work is largest, never below its floor. With scale 1 a request at twice
+    the load sheds an input when it costs less than one point of accuracy (0.01) per 10 ms.
+    Pure and clocked by the caller; scale 0 turns it off."""
+
+    def __init__(self, scale: float = 1.0, window_s: float = 10.0) -> None:
+        if not scale >= 0 or not window_s > 0:
+            raise ValueError(f"LoadPrice: scale must be >= 0 and window_s > 0, got {scale}, {window_s}")
+        self.scale, self.window_s = float(scale), float(window_s)
+        self._arrivals: deque[tuple[float, Mapping[str, float]]] = deque()
+
+    def arrived(self, now: float, work_s: Mapping[str, float]) -> None:
+        """An arrival at `now` with `work_s` seconds of work per stage (its full request)."""
+        if self.scale:
+            self._arrivals.append((now, dict(work_s)))
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._arrivals and self._arrivals[0][0] <= now - self.window_s:
+            self._arrivals.popleft()
+
+    def load(self, now: float) -> float:
+        """The offered load: the busiest stage's work arrived in the window, per second."""
+        self._trim(now)
+        per_stage: dict[str, float] = {}
+        for _, work in self._arrivals:
+            for stage, sec in work.items():
+                per_stage[stage] = per_stage.get(stage, 0.0) + sec
+        return max(per_stage.values(), default=0.0) / self.window_s
+
+    def price(self, now: float) -> float:
+        """Accuracy per second of work (`reassign`'s price)."""
+        return self.scale * max(0.0, self.load(now) - 1.0) if self.scale else 0.0
