@@ -13,8 +13,8 @@ that stage's table is stretched by `PROBE`), and a least-squares fit of the live
 terms (each request's residual over its live TTFT: a short text prompt weighs as much as a long
 multi-image one, as the p50 and p99 errors the fit serves do) gives the scales ``e`` and ``p``
 (clipped to ``[LO, HI]``); what is left of the gap, the median of live minus re-simulated TTFT, is
-the fixed per-request path (client, gRPC, scheduler, Redis) added to the ``client`` overhead. Decode steps are scaled by the median of live over simulated time per output
-token. With no image request among the isolated ones, encode takes the prefill's scale.
+the fixed per-request path (client, gRPC, scheduler, Redis) added to the ``client`` overhead.
+Decode steps are scaled by the median of live over simulated time per output token. With no image request among the isolated ones, encode takes the prefill's scale.
 
 `pick_isolated` chooses which requests of a sequence to send alone so that the fit sees every
 image count the sequence has and a spread of prompt lengths: without a multi-image request among
@@ -119,9 +119,8 @@ def fit_profile(profile: SimProfile, live_ttft_ms: Sequence[float | None], live_
         ys.append(w * (live - (b - enc_ms - pre_ms)))  # live minus the simulated fixed part
     if len(rows) < 2:
         return None
-    has_media = sum(1 for r in rows if r[0] > 1e-6) >= 1
     try:
-        if has_media and len(rows) >= 3:
+        if any(r[0] > 1e-6 for r in rows) and len(rows) >= 3:
             e_s, p_s, _ = _lstsq(rows, ys)
         else:
             p_s, _ = _lstsq([(r[0] + r[1], r[2]) for r in rows], ys)

@@ -397,7 +397,7 @@ def reassign(jobs: Iterable[Job], now: float, capacity: Capacity | None = None, 
     free, var_sid, groups, pos = binaries.free, binaries.sid, binaries.groups, binaries.pos
     is_free = set(free)
     work = np.array([plans[i].work[s] for i, s in zip(pos, var_sid)])
-    acc = np.array([plans[i].value[s] for i, s in zip(pos, var_sid)])
+    value = np.array([plans[i].value[s] for i, s in zip(pos, var_sid)])
     fixed = np.cumsum([0.0 if i in is_free else p.work[best[i]] for i, p in enumerate(plans)])
     budget = np.array([plans[k].job.deadline - now - fixed[k] + TIME_TOL for k in binding])
     # A row is implied by a later one whose budget, less the least work between them, is tighter.
@@ -411,7 +411,7 @@ def reassign(jobs: Iterable[Job], now: float, capacity: Capacity | None = None, 
     rows = np.array(binding)[keep[::-1]]
     a_ub = (np.array(pos)[None, :] <= rows[:, None]) * work[None, :]
 
-    picked, method = _lex_milp(-_ACC_SCALE * acc, work, groups, a_ub, budget[keep[::-1]], time_limit_s)
+    picked, method = _lex_milp(-_ACC_SCALE * value, work, groups, a_ub, budget[keep[::-1]], time_limit_s)
     choice = binaries.choice(best, picked or ())
     if picked is None or _late(plans, choice, now):  # no solution in time (or numerical slack)
         choice, method = _greedy(plans, now), "greedy"
@@ -513,9 +513,9 @@ def _solve_flow(plans: Sequence[_Plan], best: Sequence[str], last: int, now: flo
                 const = math.fsum(sum(fixed[h]) for h in fixed if h <= i)
                 row({j: stage_work[j].sum() / flow.parallelism for j in prefix}, -np.inf,
                     deadline - now - const / flow.parallelism + TIME_TOL)
-    acc = np.array([plans[i].value[s] for i, s in zip(pos, var_sid)])
+    value = np.array([plans[i].value[s] for i, s in zip(pos, var_sid)])
     work_total = np.array([plans[i].work[s] for i, s in zip(pos, var_sid)])
-    primary = np.concatenate([-_ACC_SCALE * acc, np.zeros(n - n_bin)])
+    primary = np.concatenate([-_ACC_SCALE * value, np.zeros(n - n_bin)])
     secondary = np.concatenate([work_total, np.zeros(n - n_bin)])
     picked, method = _lex_milp(primary, secondary, groups, np.array(rows), np.array(upper), time_limit_s,
                                n_binary=n_bin, b_lb=np.array(lower))

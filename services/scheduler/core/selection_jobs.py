@@ -171,25 +171,28 @@ class LoadPrice:
             raise ValueError(f"LoadPrice: scale must be >= 0 and window_s > 0, got {scale}, {window_s}")
         self.scale, self.window_s = float(scale), float(window_s)
         self._arrivals: deque[tuple[float, Mapping[str, float]]] = deque()
+        self._sums: dict[str, float] = {}  # per stage, the work of `_arrivals` (kept as they come and go)
 
     def arrived(self, now: float, work_s: Mapping[str, float]) -> None:
         """An arrival at `now` with `work_s` seconds of work per stage (its full request)."""
         if self.scale:
-            self._arrivals.append((now, dict(work_s)))
+            work = dict(work_s)
+            self._arrivals.append((now, work))
+            for stage, sec in work.items():
+                self._sums[stage] = self._sums.get(stage, 0.0) + sec
             self._trim(now)
 
     def _trim(self, now: float) -> None:
         while self._arrivals and self._arrivals[0][0] <= now - self.window_s:
-            self._arrivals.popleft()
+            for stage, sec in self._arrivals.popleft()[1].items():
+                self._sums[stage] -= sec
+        if not self._arrivals:
+            self._sums.clear()  # no float residue once the window is empty
 
     def load(self, now: float) -> float:
         """The offered load: the busiest stage's work arrived in the window, per second."""
         self._trim(now)
-        per_stage: dict[str, float] = {}
-        for _, work in self._arrivals:
-            for stage, sec in work.items():
-                per_stage[stage] = per_stage.get(stage, 0.0) + sec
-        return max(per_stage.values(), default=0.0) / self.window_s
+        return max(self._sums.values(), default=0.0) / self.window_s
 
     def price(self, now: float) -> float:
         """Accuracy per second of work (`reassign`'s price)."""
