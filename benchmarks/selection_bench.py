@@ -57,6 +57,7 @@ ACCURACY = {"full": 1.0, "drop_images:1": 0.95, "drop_images:2": 0.9, "drop_imag
             "drop:image": 0.62}
 FLOORS = (0.6, 0.75, 0.85)  # callers' accuracy floors, drawn per request (seeded)
 MOSEL_GOODPUT_X = 3.6
+MODES = ("admission_only", "selection_off", "selection_on")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -81,11 +82,17 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--price", type=float, default=1.0,
                    help="the scheduler's --selection-price (accuracy per second of work per unit of overload; 0: "
                         "reduce only to meet deadlines)")
+    p.add_argument("--modes", type=str, default=",".join(MODES),
+                   help=f"which of {', '.join(MODES)} to run (selection_off and selection_on at least)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--work-dir", type=Path, default=ROOT / ".bench" / "selection")
     p.add_argument("--out", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if set(args.modes).difference(MODES) or not {"selection_off", "selection_on"} <= set(args.modes):
+        p.error(f"--modes: from {', '.join(MODES)}, with selection_off and selection_on")
+    return args
 
 
 def sequence(args) -> tuple[list, dict]:
@@ -268,8 +275,9 @@ def main(argv=None) -> None:
     seq, meta = sequence(args)
     prompts = Prompts(args.model_dir, args.seed)
     profile, profile_meta = make_profile(args)
-    admission, idle = run_mode(args, "admission_only", None, seq, prompts, None, loads)
-    off, _ = run_mode(args, "selection_off", profile / "profile-full-only.json", seq, prompts, idle, loads)
+    admission, idle = run_mode(args, "admission_only", None, seq, prompts, None, loads) \
+        if "admission_only" in args.modes else (None, None)
+    off, idle = run_mode(args, "selection_off", profile / "profile-full-only.json", seq, prompts, idle, loads)
     on, _ = run_mode(args, "selection_on", profile / "profile.json", seq, prompts, idle, loads)
     mean_s = statistics.fmean(idle[r.num_images] for r, _ in seq)
     report = {
@@ -296,7 +304,7 @@ def main(argv=None) -> None:
             "jct_p99_off_over_on": round(b["jct_p99_ms"] / a["jct_p99_ms"], 3)
             if a["jct_p99_ms"] and b["jct_p99_ms"] else None,
             "goodput_on_over_admission_only": round(a["goodput_per_s"] / admission[key]["goodput_per_s"], 3)
-            if admission[key]["goodput_per_s"] else None,
+            if admission and admission[key]["goodput_per_s"] else None,
         }
     best = max((r["goodput_on_over_off"] or 0) for r in report["ratios"].values())
     report["goal"] = {"mosel_goodput_x": MOSEL_GOODPUT_X, "best_goodput_x": best, "beats_mosel": best > MOSEL_GOODPUT_X}

@@ -98,6 +98,7 @@ class EncoderWorker:
             return
         compute_ms = (time.perf_counter() - started) * 1000
         items_total = sum(len(items) for _, items in batch)
+        tokens_total = sum(m.num_tokens for _, items in batch for m in items)
         ended = time.time()
         for (item, items), mine in zip(batch, per_request):
             tokens = sum(m.num_tokens for m in items)
@@ -105,11 +106,12 @@ class EncoderWorker:
                 "prism.batch_size": len(batch), "prism.media_items": len(items),
                 "prism.image_count": sum(1 for m in items if m.modality == "image"),
                 "prism.audio_count": sum(1 for m in items if m.modality == "audio"),
-                "prism.media_tokens": tokens}, instance=self.name, tokens=tokens)
+                "prism.media_tokens": tokens, "prism.batch_tokens": tokens_total, "prism.compute_ms": compute_ms},
+                instance=self.name, tokens=tokens)
             self.held.publish(item.task_id, mine)
             await self.queue.set_state(item.task_id, TaskState.READY, compute_ms=compute_ms, worker=self.name,
                                        item_tokens=[int(e.shape[0]) for e in mine], batch_items=items_total,
-                                       batch=len(batch))
+                                       batch_tokens=tokens_total, batch=len(batch))
             await self.queue.ack(item.task_id)
 
     async def fetched(self, request_id: str) -> None:

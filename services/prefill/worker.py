@@ -219,20 +219,25 @@ class PrefillWorker:
         compute_ms = (time.perf_counter() - started) * 1000
         self.budget.record(self.compute.share.cores, len(ready), compute_ms)
         ended = time.time()
+        batch_tokens = sum(j.plan.prompt_tokens for j in ready)
         for job in ready:
             record_task("prefill", job.item, job.began or wall, ended, {
                 "prism.batch_size": len(ready), "prism.prompt_tokens": job.plan.prompt_tokens,
                 "prism.media_items": len(job.items), "prism.embedding_transfer_ms": job.transfer_ms,
-                "prism.compute_ms": compute_ms}, instance=self.name, tokens=job.plan.prompt_tokens)
+                "prism.compute_ms": compute_ms, "prism.batch_tokens": batch_tokens}, instance=self.name,
+                tokens=job.plan.prompt_tokens)
             if job.outbox is not None:
                 KV_BYTES.labels("sent", self.name).inc(job.outbox.nbytes)
         for job, first in zip(ready, firsts):
-            if job.outbox is not None:
-                job.outbox.finish(first)
+            # READY (with the first token) is recorded before the KV stream ends: decode's pull
+            # then ends the task (DONE, terminal), which a later READY could no longer follow.
             await self.queue.set_state(job.rid, TaskState.READY, first_token=first, prompt_tokens=job.plan.prompt_tokens,
                                        worker=self.name,
                                        rope_delta=job.plan.rope_delta, compute_ms=compute_ms,
-                                       transfer_ms=job.transfer_ms, batch=len(ready))
+                                       transfer_ms=job.transfer_ms, batch=len(ready),
+                                       batch_tokens=batch_tokens)
+            if job.outbox is not None:
+                job.outbox.finish(first)
             await self.queue.ack(job.rid)
 
     async def _fail(self, rid: str, outbox: KvOutbox | None, exc: StageFailure) -> None:

@@ -26,7 +26,7 @@ from prism.queue.base import DuplicateTask, QueueClosed, QueueFull, TaskEvent, T
 from prism.runtime.convert import media_info, media_input
 from prism.v1 import common_pb2, prism_pb2, stages_pb2
 from services.scheduler.cluster import Cluster
-from services.scheduler.core import Admission, NoInstance, Placement, PlacementChoice, RequestCost
+from services.scheduler.core import Admission, NoInstance, Placement, PlacementChoice, RequestCost, task_share_s
 from services.scheduler.intake import Admitted
 from services.scheduler.textstream import TextStream
 
@@ -86,6 +86,11 @@ class Reassigned(StageError):
 
     def __init__(self) -> None:
         super().__init__(grpc.StatusCode.ABORTED, "inputs reassigned before encoding")
+
+
+def _share_s(tokens: int, detail: dict) -> float:
+    """A READY encode or prefill task's share of its batch's compute, in seconds."""
+    return task_share_s(tokens, float(detail.get("compute_ms", 0.0)) / 1000, float(detail.get("batch_tokens", 0)))
 
 
 class Pipeline:
@@ -330,9 +335,9 @@ class Pipeline:
                 await queue_decode()
             elif event.state is TaskState.READY:
                 first = int(event.detail["first_token"])
-                compute_ms = float(event.detail.get("compute_ms", 0.0))
-                progress.prefill_ms = compute_ms
-                self.cluster.record(progress.tasks[prefill_id][1], "prefill", len(input_ids), compute_ms / 1000)
+                progress.prefill_ms = float(event.detail.get("compute_ms", 0.0))
+                self.cluster.record(progress.tasks[prefill_id][1], "prefill", len(input_ids),
+                                    _share_s(len(input_ids), event.detail))
                 break
         if first is None:
             raise StageError(grpc.StatusCode.INTERNAL, "prefill ended the task without a first token")
@@ -435,6 +440,5 @@ class Pipeline:
                 src.address = await self._address(progress.tasks[src.task_id][1])
         for src, event in zip(sources, events):
             tokens = sum(adm.prompt.items[i].num_tokens for i in src.items)
-            self.cluster.record(progress.tasks[src.task_id][1], "encode", tokens,
-                                float(event.detail.get("compute_ms", 0.0)) / 1000)
+            self.cluster.record(progress.tasks[src.task_id][1], "encode", tokens, _share_s(tokens, event.detail))
         return sources

@@ -194,6 +194,72 @@ async def test_admin_lists_requests_and_drains_a_worker(tiny_models, oracle):
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_encode_and_prefill_are_profiled_by_each_tasks_share_of_its_batch(tiny_models, oracle, exporter):
+    """A batched encode or prefill call reports its compute and its whole batch's tokens; each task
+    is measured as its tokens over its share of that compute (its tokens over the batch's), so a
+    sample is the batch's throughput, not a fraction of it by the batch's size."""
+    import threading
+
+    layout = [("encode",), ("prefill",), ("decode",)]
+    async with LocalCluster(tiny_models["llava"], layout, slots=8, otel=True) as c:
+        enc_name, pre_name = c.named(("encode",))[0], c.named(("prefill",))[0]
+        releases = {name: threading.Event() for name in (enc_name, pre_name)}
+        blockers = [asyncio.create_task(c.hosts[n].ctx.compute.run(ev.wait, 30)) for n, ev in releases.items()]
+        requests = [(f"share {'word ' * 6 * i}{i}", [png_bytes(40 + i)], 3) for i in range(3)]
+        tasks = [asyncio.create_task(collect(c.stub, chat(t, imgs, n))) for t, imgs, n in requests]
+        book = c.parts["cluster"].book
+        for _ in range(6000):  # all three encode tasks queued behind the busy tower
+            if sum(1 for _, stage in book if stage == "encode") == 3:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        releases[enc_name].set()
+        encoder, prefill = c.worker(enc_name, "encode"), c.worker(pre_name, "prefill")
+        for _ in range(6000):  # every image encoded; their prompt passes wait for the busy prefill
+            if sum(encoder.batch_sizes) == 3:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        releases[pre_name].set()
+        await asyncio.gather(*blockers)
+        results = await asyncio.gather(*tasks)
+        for (text, _, n), (tokens, _) in zip(requests, results):
+            assert tokens == oracle.chat(text, [random_image(40 + int(text.split()[-1]))], n)
+        assert max(encoder.batch_sizes) > 1 and max(prefill.batch_sizes) > 1
+        cluster = c.parts["cluster"]
+        for stage, name, count in (("encode", enc_name, "prism.media_tokens"), ("prefill", pre_name, "prism.prompt_tokens")):
+            spans = [s.attributes for s in exporter.get_finished_spans() if s.name == f"prism.{stage}"]
+            assert len(spans) == 3 and any(a["prism.batch_size"] > 1 for a in spans)
+            samples = sorted(cluster.samples(name, stage))
+            expected = sorted((a[count], a["prism.compute_ms"] / 1000 * a[count] / a["prism.batch_tokens"]) for a in spans)
+            assert [n for n, _ in samples] == [n for n, _ in expected]
+            assert [s for _, s in samples] == pytest.approx([s for _, s in expected], rel=1e-9)
+            for a in spans:  # a batch's shares add up to its compute
+                mates = [b for b in spans if b["prism.compute_ms"] == a["prism.compute_ms"]]
+                assert sum(b[count] for b in mates) == a["prism.batch_tokens"]
+
+
+async def test_a_slow_ready_write_never_loses_the_first_token(tiny_models, oracle, monkeypatch):
+    """Prefill records READY (with the first token) before it ends the KV stream: decode's pull
+    ends the task (DONE, terminal) as soon as that stream does, and a READY written after it,
+    e.g. over a slower queue connection, would be refused, losing the first token."""
+    from prism.queue.base import TaskState
+    from prism.queue.memory import InMemoryWorkQueue
+
+    set_state = InMemoryWorkQueue.set_state
+
+    async def slow_ready(self, task_id, state, **detail):
+        if state is TaskState.READY and task_id.endswith("/prefill"):
+            await asyncio.sleep(0.2)
+        return await set_state(self, task_id, state, **detail)
+
+    monkeypatch.setattr(InMemoryWorkQueue, "set_state", slow_ready)
+    async with LocalCluster(tiny_models["llava"], [("encode",), ("prefill",), ("decode",)], slots=2) as c:
+        tokens, last = await collect(c.stub, chat("slow ready", [png_bytes(7)], 5))
+        assert tokens == oracle.chat("slow ready", [random_image(7)], 5)
+        assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
 async def test_decode_is_profiled_by_each_requests_share_of_its_batched_steps(tiny_models, oracle):
     """Decode capacity is measured as tokens over the request's share of the steps it was in
     (the worker's compute, split evenly over the batch), not over the wall time of its stream."""

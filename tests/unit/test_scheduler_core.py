@@ -20,6 +20,7 @@ from services.scheduler.core import (
     ScalePolicy,
     SloTracker,
     capacity_from_profile,
+    task_share_s,
     commit,
     estimate_path,
     order_key,
@@ -531,3 +532,12 @@ def test_capacity_from_profile_is_robust():
     with pytest.raises(ValueError):
         capacity_from_profile([(10, 0.0)])
     assert math.isclose(capacity_from_profile([(300, 2.0)]), 150.0)
+
+
+def test_a_tasks_share_of_its_batch_measures_the_batchs_throughput():
+    # a batch of 600 + 200 tokens in 2 s: each task's (tokens, share) is 400 tokens/s, the batch's
+    shares = [task_share_s(n, 2.0, 800) for n in (600, 200)]
+    assert shares == [1.5, 0.5]
+    assert capacity_from_profile([(600, shares[0]), (200, shares[1])]) == 400.0
+    assert task_share_s(300, 2.0) == 2.0  # the batch's tokens unknown: all of it
+    assert task_share_s(300, 2.0, 100) == 2.0  # inconsistent counts: all of it

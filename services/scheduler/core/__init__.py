@@ -10,7 +10,7 @@ and acts on their answers. Modules:
 * `cost` -- `RequestCost`, `Estimate`, `estimate_path` (the latency model);
 * `placement` -- `Placement`, `PlacementChoice` (colocated vs split path);
 * `admission` -- `Admission`, `Limits`, `Decision`, `commit`, `order_key`;
-* `autoscale` -- `Autoscaler`, `ScalePolicy`, `capacity_from_profile`;
+* `autoscale` -- `Autoscaler`, `ScalePolicy`, `capacity_from_profile`, `task_share_s`;
 * `selection` -- deadline-driven modality selection (MOSEL): `reassign`, `admit_with_selection`,
   `strategy_table` as integer programs (scipy's HiGHS). Imported on its own
   (``from services.scheduler.core.selection import ...``) so that the rest of the core stays
@@ -24,7 +24,7 @@ A request's decision::
 """
 
 from services.scheduler.core.admission import Admission, Decision, Limits, commit, order_key
-from services.scheduler.core.autoscale import Autoscaler, ScalePolicy, capacity_from_profile
+from services.scheduler.core.autoscale import Autoscaler, ScalePolicy, capacity_from_profile, task_share_s
 from services.scheduler.core.cost import Estimate, RequestCost, estimate_path
 from services.scheduler.core.load import STAGES, LoadBook, RateTracker, SloOutcome, SloTracker
 from services.scheduler.core.placement import MODES, Placement, PlacementChoice
@@ -55,4 +55,5 @@ __all__ = [
     "order_key",
     "route",
     "split_images",
+    "task_share_s",
 ]

@@ -24,7 +24,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Autoscaler", "ScalePolicy", "capacity_from_profile"]
+__all__ = ["Autoscaler", "ScalePolicy", "capacity_from_profile", "task_share_s"]
 
 _EPS = 1e-9
 
@@ -163,3 +163,12 @@ def capacity_from_profile(samples: Iterable[tuple[float, float]]) -> float:
     if not rates:
         raise ValueError("capacity_from_profile needs at least one sample with seconds > 0")
     return float(statistics.median(rates))
+
+
+def task_share_s(tokens: float, batch_s: float, batch_tokens: float = 0.0) -> float:
+    """One task's share of its batch's compute, `batch_s` seconds over `batch_tokens` tokens: its
+    `tokens` of them (all of it when the batch's tokens are unknown, or fewer than the task's).
+    A (tokens, share) sample then measures the batch's throughput, not a batch-size fraction of it."""
+    if batch_tokens > 0 and 0 <= tokens <= batch_tokens:
+        return batch_s * tokens / batch_tokens
+    return batch_s
