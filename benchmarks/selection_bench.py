@@ -77,8 +77,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="the selection program's serial model (every stage of every request in series) "
                         "instead of overlapping stages")
     p.add_argument("--parallelism", type=float, default=0.0,
-                   help="cores the stage processes share (the selection program's overlap bound; 0: none, "
-                        "the capacities measured live already carry the processes' contention)")
+                   help="cores the stage processes share (the scheduler's --selection-parallelism: the program "
+                        "counts work in the workers' CPU seconds and shares these cores itself; 0: each stage its "
+                        "own, at the wall-clock rates measured under whatever contention there was)")
     p.add_argument("--price", type=float, default=1.0,
                    help="the scheduler's --selection-price (accuracy per second of work per unit of overload; 0: "
                         "reduce only to meet deadlines)")

@@ -37,9 +37,19 @@ class ComputeThread:
         #: The compute share in effect (in-place vertical scaling: `apply`), and changes so far.
         self.share = ComputeShare(threads=self._pool.submit(torch.get_num_threads).result(), cpus=self.allowed_cpus)
         self.generation = 0
+        self._cpu_mark = time.process_time()  # the process's CPU clock when the last timed call ended
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def timed(self, fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
+        """`run`, with the call's wall seconds (measured on the compute thread) and the process's
+        CPU seconds since the previous timed call ended: this work and all the process did
+        around it (pulling its inputs, serving its outputs, the event loop), every thread's. What
+        the work costs when it has the cores to itself, whoever else was competing for them."""
+        out, wall, ended_cpu = await self.run(_timed_call, fn, *args)
+        cpu, self._cpu_mark = ended_cpu - self._cpu_mark, ended_cpu
+        return out, wall, cpu
 
     @property
     def max_batch(self) -> int:
@@ -60,6 +70,13 @@ class ComputeThread:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+def _timed_call(fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
+    """`fn(*args)`, its wall seconds and the process's CPU clock when it ended."""
+    wall = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - wall, time.process_time()
 
 
 def work_item(header: Any, payload: bytes) -> WorkItem:

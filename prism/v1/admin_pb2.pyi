@@ -129,7 +129,7 @@ class AdaptationStatus(_message.Message):
     def __init__(self, solves: _Optional[int] = ..., changes: _Optional[int] = ..., forecast_rps: _Optional[float] = ..., last_reason: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[AdaptedWorkers, _Mapping]]] = ..., expected_accuracy: _Optional[float] = ..., cost_cores: _Optional[int] = ..., latency_ms: _Optional[float] = ..., core_seconds: _Optional[float] = ..., errors: _Optional[int] = ..., last_actions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SelectionStatus(_message.Message):
-    __slots__ = ("decisions", "decision_p50_ms", "decision_p99_ms", "decision_max_ms", "fitted", "refused", "reassigned", "lost_races", "load_price", "offered_load")
+    __slots__ = ("decisions", "decision_p50_ms", "decision_p99_ms", "decision_max_ms", "fitted", "refused", "reassigned", "lost_races", "load_price", "offered_load", "slowdown")
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     DECISION_P50_MS_FIELD_NUMBER: _ClassVar[int]
     DECISION_P99_MS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class SelectionStatus(_message.Message):
     LOST_RACES_FIELD_NUMBER: _ClassVar[int]
     LOAD_PRICE_FIELD_NUMBER: _ClassVar[int]
     OFFERED_LOAD_FIELD_NUMBER: _ClassVar[int]
+    SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
     decisions: int
     decision_p50_ms: float
     decision_p99_ms: float
@@ -150,7 +151,8 @@ class SelectionStatus(_message.Message):
     lost_races: int
     load_price: float
     offered_load: float
-    def __init__(self, decisions: _Optional[int] = ..., decision_p50_ms: _Optional[float] = ..., decision_p99_ms: _Optional[float] = ..., decision_max_ms: _Optional[float] = ..., fitted: _Optional[int] = ..., refused: _Optional[int] = ..., reassigned: _Optional[int] = ..., lost_races: _Optional[int] = ..., load_price: _Optional[float] = ..., offered_load: _Optional[float] = ...) -> None: ...
+    slowdown: float
+    def __init__(self, decisions: _Optional[int] = ..., decision_p50_ms: _Optional[float] = ..., decision_p99_ms: _Optional[float] = ..., decision_max_ms: _Optional[float] = ..., fitted: _Optional[int] = ..., refused: _Optional[int] = ..., reassigned: _Optional[int] = ..., lost_races: _Optional[int] = ..., load_price: _Optional[float] = ..., offered_load: _Optional[float] = ..., slowdown: _Optional[float] = ...) -> None: ...
 
 class ListRequestsRequest(_message.Message):
     __slots__ = ("limit",)

@@ -26,7 +26,7 @@ from prism.v1 import common_pb2 as prism_dot_v1_dot_common__pb2
 from prism.v1 import prism_pb2 as prism_dot_v1_dot_prism__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prism/v1/stages.proto\x12\x08prism.v1\x1a\x15prism/v1/common.proto\x1a\x14prism/v1/prism.proto\"\x9e\x02\n\nTaskHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12=\n\rtrace_context\x18\x05 \x03(\x0b\x32&.prism.v1.TaskHeader.TraceContextEntry\x12\x17\n\x0f\x61rrival_unix_ms\x18\x06 \x01(\x03\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x11\n\tplacement\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x01\n\tMediaInfo\x12$\n\x08modality\x18\x01 \x01(\x0e\x32\x12.prism.v1.Modality\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12+\n\x04meta\x18\x03 \x03(\x0b\x32\x1d.prism.v1.MediaInfo.MetaEntry\x1a=\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.prism.v1.Tensor:\x02\x38\x01\"\xa5\x01\n\nMediaInput\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.prism.v1.MediaInfo\x12\x32\n\x07tensors\x18\x02 \x03(\x0b\x32!.prism.v1.MediaInput.TensorsEntry\x1a@\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.prism.v1.Tensor:\x02\x38\x01\"Z\n\rEncodeRequest\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.prism.v1.TaskHeader\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.prism.v1.MediaInput\"\x83\x01\n\x0e\x45ncodeResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.prism.v1.TaskState\x12\x13\n\x0bitem_tokens\x18\x02 \x03(\x05\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\x14\n\x0c\x62\x61tch_tokens\x18\x05 \x01(\x03\",\n\x16\x46\x65tchEmbeddingsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"a\n\x17\x46\x65tchEmbeddingsResponse\x12\x0c\n\x04item\x18\x01 \x01(\x05\x12\x12\n\ntotal_rows\x18\x02 \x01(\x03\x12$\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x15.prism.v1.TensorChunk\"\xe8\x01\n\x0ePrefillRequest\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.prism.v1.TaskHeader\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12\"\n\x05media\x18\x03 \x03(\x0b\x32\x13.prism.v1.MediaInfo\x12\x17\n\x0f\x65ncoder_address\x18\x04 \x01(\t\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.prism.v1.SamplingParams\x12\x34\n\x11\x65mbedding_sources\x18\x06 \x03(\x0b\x32\x19.prism.v1.EmbeddingSource\"B\n\x0f\x45mbeddingSource\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05items\x18\x03 \x03(\x05\"\xc4\x01\n\x0fPrefillResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.prism.v1.TaskState\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x12\n\nrope_delta\x18\x04 \x01(\x03\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x06 \x01(\x01\x12\x0e\n\x06worker\x18\x07 \x01(\t\x12\x14\n\x0c\x62\x61tch_tokens\x18\x08 \x01(\x03\"$\n\x0e\x46\x65tchKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x91\x01\n\x08KvHeader\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x1e\n\x05\x64type\x18\x05 \x01(\x0e\x32\x0f.prism.v1.DType\x12\x12\n\nrope_delta\x18\x06 \x01(\x03\"^\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x1e\n\x04part\x18\x02 \x01(\x0e\x32\x10.prism.v1.KvPart\x12$\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x15.prism.v1.TensorChunk\" \n\tKvTrailer\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\"\x8b\x01\n\x0f\x46\x65tchKvResponse\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.prism.v1.KvHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.prism.v1.KvChunkH\x00\x12&\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.prism.v1.KvTrailerH\x00\x42\x06\n\x04kind\"\xab\x01\n\rDecodeRequest\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.prism.v1.TaskHeader\x12\x17\n\x0fprefill_address\x18\x02 \x01(\t\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.prism.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x17\n\x0fprefill_task_id\x18\x05 \x01(\t\"\x86\x01\n\x0e\x44\x65\x63odeResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.prism.v1.TaskState\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.prism.v1.FinishReason\x12\x0e\n\x06worker\x18\x04 \x01(\t\"i\n\rStoredRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.prism.v1.GenerateRequest\x12\x11\n\treduction\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_accuracy\x18\x03 \x01(\x01*E\n\x06KvPart\x12\x17\n\x13KV_PART_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKV_PART_KEY\x10\x01\x12\x11\n\rKV_PART_VALUE\x10\x02\x32\xa9\x01\n\x0e\x45ncoderService\x12=\n\x06\x45ncode\x12\x17.prism.v1.EncodeRequest\x1a\x18.prism.v1.EncodeResponse0\x01\x12X\n\x0f\x46\x65tchEmbeddings\x12 .prism.v1.FetchEmbeddingsRequest\x1a!.prism.v1.FetchEmbeddingsResponse0\x01\x32\x94\x01\n\x0ePrefillService\x12@\n\x07Prefill\x12\x18.prism.v1.PrefillRequest\x1a\x19.prism.v1.PrefillResponse0\x01\x12@\n\x07\x46\x65tchKv\x12\x18.prism.v1.FetchKvRequest\x1a\x19.prism.v1.FetchKvResponse0\x01\x32N\n\rDecodeService\x12=\n\x06\x44\x65\x63ode\x12\x17.prism.v1.DecodeRequest\x1a\x18.prism.v1.DecodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prism/v1/stages.proto\x12\x08prism.v1\x1a\x15prism/v1/common.proto\x1a\x14prism/v1/prism.proto\"\x9e\x02\n\nTaskHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12=\n\rtrace_context\x18\x05 \x03(\x0b\x32&.prism.v1.TaskHeader.TraceContextEntry\x12\x17\n\x0f\x61rrival_unix_ms\x18\x06 \x01(\x03\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x11\n\tplacement\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x01\n\tMediaInfo\x12$\n\x08modality\x18\x01 \x01(\x0e\x32\x12.prism.v1.Modality\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12+\n\x04meta\x18\x03 \x03(\x0b\x32\x1d.prism.v1.MediaInfo.MetaEntry\x1a=\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.prism.v1.Tensor:\x02\x38\x01\"\xa5\x01\n\nMediaInput\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.prism.v1.MediaInfo\x12\x32\n\x07tensors\x18\x02 \x03(\x0b\x32!.prism.v1.MediaInput.TensorsEntry\x1a@\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.prism.v1.Tensor:\x02\x38\x01\"Z\n\rEncodeRequest\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.prism.v1.TaskHeader\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.prism.v1.MediaInput\"\x9b\x01\n\x0e\x45ncodeResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.prism.v1.TaskState\x12\x13\n\x0bitem_tokens\x18\x02 \x03(\x05\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\x14\n\x0c\x62\x61tch_tokens\x18\x05 \x01(\x03\x12\x16\n\x0e\x63ompute_cpu_ms\x18\x06 \x01(\x01\",\n\x16\x46\x65tchEmbeddingsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"a\n\x17\x46\x65tchEmbeddingsResponse\x12\x0c\n\x04item\x18\x01 \x01(\x05\x12\x12\n\ntotal_rows\x18\x02 \x01(\x03\x12$\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x15.prism.v1.TensorChunk\"\xe8\x01\n\x0ePrefillRequest\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.prism.v1.TaskHeader\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12\"\n\x05media\x18\x03 \x03(\x0b\x32\x13.prism.v1.MediaInfo\x12\x17\n\x0f\x65ncoder_address\x18\x04 \x01(\t\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.prism.v1.SamplingParams\x12\x34\n\x11\x65mbedding_sources\x18\x06 \x03(\x0b\x32\x19.prism.v1.EmbeddingSource\"B\n\x0f\x45mbeddingSource\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05items\x18\x03 \x03(\x05\"\xdc\x01\n\x0fPrefillResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.prism.v1.TaskState\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x12\n\nrope_delta\x18\x04 \x01(\x03\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x06 \x01(\x01\x12\x0e\n\x06worker\x18\x07 \x01(\t\x12\x14\n\x0c\x62\x61tch_tokens\x18\x08 \x01(\x03\x12\x16\n\x0e\x63ompute_cpu_ms\x18\t \x01(\x01\"$\n\x0e\x46\x65tchKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x91\x01\n\x08KvHeader\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x1e\n\x05\x64type\x18\x05 \x01(\x0e\x32\x0f.prism.v1.DType\x12\x12\n\nrope_delta\x18\x06 \x01(\x03\"^\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x1e\n\x04part\x18\x02 \x01(\x0e\x32\x10.prism.v1.KvPart\x12$\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x15.prism.v1.TensorChunk\" \n\tKvTrailer\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\"\x8b\x01\n\x0f\x46\x65tchKvResponse\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.prism.v1.KvHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.prism.v1.KvChunkH\x00\x12&\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.prism.v1.KvTrailerH\x00\x42\x06\n\x04kind\"\xab\x01\n\rDecodeRequest\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.prism.v1.TaskHeader\x12\x17\n\x0fprefill_address\x18\x02 \x01(\t\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.prism.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x17\n\x0fprefill_task_id\x18\x05 \x01(\t\"\x86\x01\n\x0e\x44\x65\x63odeResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.prism.v1.TaskState\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.prism.v1.FinishReason\x12\x0e\n\x06worker\x18\x04 \x01(\t\"i\n\rStoredRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.prism.v1.GenerateRequest\x12\x11\n\treduction\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_accuracy\x18\x03 \x01(\x01*E\n\x06KvPart\x12\x17\n\x13KV_PART_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKV_PART_KEY\x10\x01\x12\x11\n\rKV_PART_VALUE\x10\x02\x32\xa9\x01\n\x0e\x45ncoderService\x12=\n\x06\x45ncode\x12\x17.prism.v1.EncodeRequest\x1a\x18.prism.v1.EncodeResponse0\x01\x12X\n\x0f\x46\x65tchEmbeddings\x12 .prism.v1.FetchEmbeddingsRequest\x1a!.prism.v1.FetchEmbeddingsResponse0\x01\x32\x94\x01\n\x0ePrefillService\x12@\n\x07Prefill\x12\x18.prism.v1.PrefillRequest\x1a\x19.prism.v1.PrefillResponse0\x01\x12@\n\x07\x46\x65tchKv\x12\x18.prism.v1.FetchKvRequest\x1a\x19.prism.v1.FetchKvResponse0\x01\x32N\n\rDecodeService\x12=\n\x06\x44\x65\x63ode\x12\x17.prism.v1.DecodeRequest\x1a\x18.prism.v1.DecodeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEDIAINFO_METAENTRY']._serialized_options = b'8\001'
   _globals['_MEDIAINPUT_TENSORSENTRY']._loaded_options = None
   _globals['_MEDIAINPUT_TENSORSENTRY']._serialized_options = b'8\001'
-  _globals['_KVPART']._serialized_start=2466
-  _globals['_KVPART']._serialized_end=2535
+  _globals['_KVPART']._serialized_start=2514
+  _globals['_KVPART']._serialized_end=2583
   _globals['_TASKHEADER']._serialized_start=81
   _globals['_TASKHEADER']._serialized_end=367
   _globals['_TASKHEADER_TRACECONTEXTENTRY']._serialized_start=316
@@ -56,37 +56,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_start=717
   _globals['_ENCODEREQUEST']._serialized_end=807
   _globals['_ENCODERESPONSE']._serialized_start=810
-  _globals['_ENCODERESPONSE']._serialized_end=941
-  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_start=943
-  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_end=987
-  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_start=989
-  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_end=1086
-  _globals['_PREFILLREQUEST']._serialized_start=1089
-  _globals['_PREFILLREQUEST']._serialized_end=1321
-  _globals['_EMBEDDINGSOURCE']._serialized_start=1323
-  _globals['_EMBEDDINGSOURCE']._serialized_end=1389
-  _globals['_PREFILLRESPONSE']._serialized_start=1392
-  _globals['_PREFILLRESPONSE']._serialized_end=1588
-  _globals['_FETCHKVREQUEST']._serialized_start=1590
-  _globals['_FETCHKVREQUEST']._serialized_end=1626
-  _globals['_KVHEADER']._serialized_start=1629
-  _globals['_KVHEADER']._serialized_end=1774
-  _globals['_KVCHUNK']._serialized_start=1776
-  _globals['_KVCHUNK']._serialized_end=1870
-  _globals['_KVTRAILER']._serialized_start=1872
-  _globals['_KVTRAILER']._serialized_end=1904
-  _globals['_FETCHKVRESPONSE']._serialized_start=1907
-  _globals['_FETCHKVRESPONSE']._serialized_end=2046
-  _globals['_DECODEREQUEST']._serialized_start=2049
-  _globals['_DECODEREQUEST']._serialized_end=2220
-  _globals['_DECODERESPONSE']._serialized_start=2223
-  _globals['_DECODERESPONSE']._serialized_end=2357
-  _globals['_STOREDREQUEST']._serialized_start=2359
-  _globals['_STOREDREQUEST']._serialized_end=2464
-  _globals['_ENCODERSERVICE']._serialized_start=2538
-  _globals['_ENCODERSERVICE']._serialized_end=2707
-  _globals['_PREFILLSERVICE']._serialized_start=2710
-  _globals['_PREFILLSERVICE']._serialized_end=2858
-  _globals['_DECODESERVICE']._serialized_start=2860
-  _globals['_DECODESERVICE']._serialized_end=2938
+  _globals['_ENCODERESPONSE']._serialized_end=965
+  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_start=967
+  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_end=1011
+  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_start=1013
+  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_end=1110
+  _globals['_PREFILLREQUEST']._serialized_start=1113
+  _globals['_PREFILLREQUEST']._serialized_end=1345
+  _globals['_EMBEDDINGSOURCE']._serialized_start=1347
+  _globals['_EMBEDDINGSOURCE']._serialized_end=1413
+  _globals['_PREFILLRESPONSE']._serialized_start=1416
+  _globals['_PREFILLRESPONSE']._serialized_end=1636
+  _globals['_FETCHKVREQUEST']._serialized_start=1638
+  _globals['_FETCHKVREQUEST']._serialized_end=1674
+  _globals['_KVHEADER']._serialized_start=1677
+  _globals['_KVHEADER']._serialized_end=1822
+  _globals['_KVCHUNK']._serialized_start=1824
+  _globals['_KVCHUNK']._serialized_end=1918
+  _globals['_KVTRAILER']._serialized_start=1920
+  _globals['_KVTRAILER']._serialized_end=1952
+  _globals['_FETCHKVRESPONSE']._serialized_start=1955
+  _globals['_FETCHKVRESPONSE']._serialized_end=2094
+  _globals['_DECODEREQUEST']._serialized_start=2097
+  _globals['_DECODEREQUEST']._serialized_end=2268
+  _globals['_DECODERESPONSE']._serialized_start=2271
+  _globals['_DECODERESPONSE']._serialized_end=2405
+  _globals['_STOREDREQUEST']._serialized_start=2407
+  _globals['_STOREDREQUEST']._serialized_end=2512
+  _globals['_ENCODERSERVICE']._serialized_start=2586
+  _globals['_ENCODERSERVICE']._serialized_end=2755
+  _globals['_PREFILLSERVICE']._serialized_start=2758
+  _globals['_PREFILLSERVICE']._serialized_end=2906
+  _globals['_DECODESERVICE']._serialized_start=2908
+  _globals['_DECODESERVICE']._serialized_end=2986
 # @@protoc_insertion_point(module_scope)

@@ -88,18 +88,20 @@ class EncodeRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., items: _Optional[_Iterable[_Union[MediaInput, _Mapping]]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("state", "item_tokens", "compute_ms", "worker", "batch_tokens")
+    __slots__ = ("state", "item_tokens", "compute_ms", "worker", "batch_tokens", "compute_cpu_ms")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ITEM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CPU_MS_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.TaskState
     item_tokens: _containers.RepeatedScalarFieldContainer[int]
     compute_ms: float
     worker: str
     batch_tokens: int
-    def __init__(self, state: _Optional[_Union[_common_pb2.TaskState, str]] = ..., item_tokens: _Optional[_Iterable[int]] = ..., compute_ms: _Optional[float] = ..., worker: _Optional[str] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
+    compute_cpu_ms: float
+    def __init__(self, state: _Optional[_Union[_common_pb2.TaskState, str]] = ..., item_tokens: _Optional[_Iterable[int]] = ..., compute_ms: _Optional[float] = ..., worker: _Optional[str] = ..., batch_tokens: _Optional[int] = ..., compute_cpu_ms: _Optional[float] = ...) -> None: ...
 
 class FetchEmbeddingsRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -144,7 +146,7 @@ class EmbeddingSource(_message.Message):
     def __init__(self, address: _Optional[str] = ..., task_id: _Optional[str] = ..., items: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("state", "first_token", "prompt_tokens", "rope_delta", "compute_ms", "transfer_ms", "worker", "batch_tokens")
+    __slots__ = ("state", "first_token", "prompt_tokens", "rope_delta", "compute_ms", "transfer_ms", "worker", "batch_tokens", "compute_cpu_ms")
     STATE_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +155,7 @@ class PrefillResponse(_message.Message):
     TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CPU_MS_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.TaskState
     first_token: int
     prompt_tokens: int
@@ -161,7 +164,8 @@ class PrefillResponse(_message.Message):
     transfer_ms: float
     worker: str
     batch_tokens: int
-    def __init__(self, state: _Optional[_Union[_common_pb2.TaskState, str]] = ..., first_token: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., rope_delta: _Optional[int] = ..., compute_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., worker: _Optional[str] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
+    compute_cpu_ms: float
+    def __init__(self, state: _Optional[_Union[_common_pb2.TaskState, str]] = ..., first_token: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., rope_delta: _Optional[int] = ..., compute_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., worker: _Optional[str] = ..., batch_tokens: _Optional[int] = ..., compute_cpu_ms: _Optional[float] = ...) -> None: ...
 
 class FetchKvRequest(_message.Message):
     __slots__ = ("request_id",)

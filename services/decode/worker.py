@@ -50,7 +50,7 @@ class DecodeWorker:
         self.queue, self.engine, self.compute = queue, engine, compute
         self.peers = peers or LocalPeers()
         self._generated: dict[str, int] = {}  # tokens published per request (the first counts)
-        self._compute_s: dict[str, float] = {}  # each request's share of its steps' compute
+        self._compute_s: dict[str, list[float]] = {}  # each request's share of its steps' compute: [wall, cpu] s
         self._traced: dict[str, tuple[WorkItem, float, float]] = {}  # item, began, KV import seconds
         #: Active requests per step, most recent last (for tests and the admin view).
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
@@ -241,17 +241,19 @@ class DecodeWorker:
         try:
             if finish is not None:
                 self._generated.pop(rid, None)
-                compute_ms = self._compute_s.pop(rid, 0.0) * 1000
+                compute_ms, cpu_ms = (x * 1000 for x in self._compute_s.pop(rid, (0.0, 0.0)))
                 traced = self._traced.pop(rid, None)
                 if traced is not None:
                     record_task("decode", traced[0], traced[1], time.time(), {
                         "prism.generated_tokens": index + len(tokens), "prism.kv_import_ms": traced[2] * 1000,
-                        "prism.compute_ms": compute_ms, "prism.finish_reason": str(finish)},
+                        "prism.compute_ms": compute_ms, "prism.compute_cpu_ms": cpu_ms,
+                        "prism.finish_reason": str(finish)},
                         instance=self.name, tokens=index + len(tokens) - 1)
-                # compute_ms: its share of the steps it was in (a batched step split evenly)
+                # compute_ms (compute_cpu_ms): its share of the steps it was in (a batched step
+                # split evenly), wall (process CPU) time
                 return await self.queue.set_state(rid, TaskState.DONE, tokens=tokens, index=index,
                                                   finish=int(FINISH_TO_PROTO[finish]), worker=self.name,
-                                                  compute_ms=compute_ms)
+                                                  compute_ms=compute_ms, compute_cpu_ms=cpu_ms)
             live = not tokens or await self.queue.set_state(rid, TaskState.RUNNING, tokens=tokens, index=index)
         except UnknownTask:  # the task record is gone (expired or the queue was wiped)
             live = False
@@ -298,10 +300,6 @@ class DecodeWorker:
             log.error("could not fail %s: %s", rid, again)
 
     # ---- the batch ---------------------------------------------------------------------
-    def _timed_step(self):
-        started = time.perf_counter()
-        events = self.engine.step()
-        return events, time.perf_counter() - started
 
     async def _step_loop(self) -> None:
         while True:
@@ -317,7 +315,7 @@ class DecodeWorker:
                 await self._work.wait()
                 continue
             try:
-                events, step_s = await self.compute.run(self._timed_step)
+                events, step_s, step_cpu_s = await self.compute.timed(self.engine.step)
             except Exception as exc:
                 log.exception("decode step failed")
                 for rid in self.engine.active_ids():
@@ -331,7 +329,9 @@ class DecodeWorker:
             self.batch_sizes.append(len(events))
             observe_batch("decode", self.name, len(events))
             for event in events:  # each request's share of the step's compute
-                self._compute_s[event.request_id] = self._compute_s.get(event.request_id, 0.0) + step_s / len(events)
+                share = self._compute_s.setdefault(event.request_id, [0.0, 0.0])
+                share[0] += step_s / len(events)
+                share[1] += step_cpu_s / len(events)
                 self._emit(event.request_id, event)
                 self._outbox.put_nowait(event)
                 if event.finish is not None:

@@ -19,7 +19,7 @@ class EncoderServicer(stages_pb2_grpc.EncoderServiceServicer):
         return stages_pb2.EncodeResponse(
             state=int(event.state), item_tokens=event.detail.get("item_tokens", []),
             compute_ms=event.detail.get("compute_ms", 0.0), worker=self.worker.name,
-            batch_tokens=event.detail.get("batch_tokens", 0),
+            batch_tokens=event.detail.get("batch_tokens", 0), compute_cpu_ms=event.detail.get("compute_cpu_ms", 0.0),
         )
 
     async def Encode(self, request: stages_pb2.EncodeRequest, context: grpc.aio.ServicerContext):

@@ -88,15 +88,15 @@ class EncoderWorker:
         """One tower pass over the items of every request in the batch."""
         self.batch_sizes.append(len(batch))
         observe_batch("encode", self.name, len(batch))
-        started, wall = time.perf_counter(), time.time()
+        wall = time.time()
         try:
-            per_request = await self.compute.run(self.engine.encode_batch, [items for _, items in batch])
+            per_request, compute_s, cpu_s = await self.compute.timed(self.engine.encode_batch, [items for _, items in batch])
         except Exception as exc:
             log.exception("encode batch of %d requests failed", len(batch))
             for item, _ in batch:
                 await self._fail(item.task_id, "INTERNAL", f"encoder failed: {exc}")
             return
-        compute_ms = (time.perf_counter() - started) * 1000
+        compute_ms, cpu_ms = compute_s * 1000, cpu_s * 1000
         items_total = sum(len(items) for _, items in batch)
         tokens_total = sum(m.num_tokens for _, items in batch for m in items)
         ended = time.time()
@@ -106,12 +106,13 @@ class EncoderWorker:
                 "prism.batch_size": len(batch), "prism.media_items": len(items),
                 "prism.image_count": sum(1 for m in items if m.modality == "image"),
                 "prism.audio_count": sum(1 for m in items if m.modality == "audio"),
-                "prism.media_tokens": tokens, "prism.batch_tokens": tokens_total, "prism.compute_ms": compute_ms},
+                "prism.media_tokens": tokens, "prism.batch_tokens": tokens_total, "prism.compute_ms": compute_ms,
+                "prism.compute_cpu_ms": cpu_ms},
                 instance=self.name, tokens=tokens)
             self.held.publish(item.task_id, mine)
             await self.queue.set_state(item.task_id, TaskState.READY, compute_ms=compute_ms, worker=self.name,
                                        item_tokens=[int(e.shape[0]) for e in mine], batch_items=items_total,
-                                       batch_tokens=tokens_total, batch=len(batch))
+                                       batch_tokens=tokens_total, batch=len(batch), compute_cpu_ms=cpu_ms)
             await self.queue.ack(item.task_id)
 
     async def fetched(self, request_id: str) -> None:

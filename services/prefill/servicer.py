@@ -22,6 +22,7 @@ class PrefillServicer(stages_pb2_grpc.PrefillServiceServicer):
             state=int(event.state), first_token=d.get("first_token", 0), prompt_tokens=d.get("prompt_tokens", 0),
             rope_delta=d.get("rope_delta", 0), compute_ms=d.get("compute_ms", 0.0),
             transfer_ms=d.get("transfer_ms", 0.0), worker=self.worker.name, batch_tokens=d.get("batch_tokens", 0),
+            compute_cpu_ms=d.get("compute_cpu_ms", 0.0),
         )
 
     async def Prefill(self, request: stages_pb2.PrefillRequest, context: grpc.aio.ServicerContext):

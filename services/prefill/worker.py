@@ -205,10 +205,10 @@ class PrefillWorker:
             return
         self.batch_sizes.append(len(ready))
         observe_batch("prefill", self.name, len(ready))
-        started, wall = time.perf_counter(), time.time()
+        wall = time.time()
         sinks = [j.outbox.sink if j.outbox is not None else (lambda *_: None) for j in ready]
         try:
-            firsts = await self.compute.run(
+            firsts, compute_s, cpu_s = await self.compute.timed(
                 self.engine.run_batch, [j.plan for j in ready], [j.media for j in ready],
                 [sampling_from_proto(j.req.sampling) for j in ready], sinks)
         except Exception as exc:
@@ -216,7 +216,7 @@ class PrefillWorker:
             for job in ready:
                 await self._fail(job.rid, job.outbox, StageFailure("INTERNAL", f"prefill failed: {exc}"))
             return
-        compute_ms = (time.perf_counter() - started) * 1000
+        compute_ms, cpu_ms = compute_s * 1000, cpu_s * 1000
         self.budget.record(self.compute.share.cores, len(ready), compute_ms)
         ended = time.time()
         batch_tokens = sum(j.plan.prompt_tokens for j in ready)
@@ -224,7 +224,8 @@ class PrefillWorker:
             record_task("prefill", job.item, job.began or wall, ended, {
                 "prism.batch_size": len(ready), "prism.prompt_tokens": job.plan.prompt_tokens,
                 "prism.media_items": len(job.items), "prism.embedding_transfer_ms": job.transfer_ms,
-                "prism.compute_ms": compute_ms, "prism.batch_tokens": batch_tokens}, instance=self.name,
+                "prism.compute_ms": compute_ms, "prism.compute_cpu_ms": cpu_ms, "prism.batch_tokens": batch_tokens},
+                instance=self.name,
                 tokens=job.plan.prompt_tokens)
             if job.outbox is not None:
                 KV_BYTES.labels("sent", self.name).inc(job.outbox.nbytes)
@@ -235,7 +236,7 @@ class PrefillWorker:
                                        worker=self.name,
                                        rope_delta=job.plan.rope_delta, compute_ms=compute_ms,
                                        transfer_ms=job.transfer_ms, batch=len(ready),
-                                       batch_tokens=batch_tokens)
+                                       batch_tokens=batch_tokens, compute_cpu_ms=cpu_ms)
             if job.outbox is not None:
                 job.outbox.finish(first)
             await self.queue.ack(job.rid)

@@ -169,7 +169,8 @@ def selection_status(stats) -> admin_pb2.SelectionStatus:
     return admin_pb2.SelectionStatus(decisions=stats.decisions, decision_p50_ms=q(0.5), decision_p99_ms=q(0.99),
                                      decision_max_ms=times[-1] * 1000 if times else 0.0, fitted=stats.fitted,
                                      refused=stats.refused, reassigned=stats.reassigned, lost_races=stats.lost_races,
-                                     load_price=stats.price, offered_load=stats.offered_load)
+                                     load_price=stats.price, offered_load=stats.offered_load,
+                                     slowdown=stats.slowdown)
 
 
 def adaptation_status(loop) -> admin_pb2.AdaptationStatus:

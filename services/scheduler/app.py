@@ -78,7 +78,8 @@ async def build(config: SchedulerConfig, backend: Backend | None = None) -> Stag
     servicer = PrismServicer({model.name: model}, model.name, config.limits, pipeline, backend.store,
                              owner=config.server.worker_name, lease_s=config.request_lease_s, profile=profile,
                              selection_flow=config.selection_flow(), variants=variants, mix=mix,
-                             load_price=config.selection_load_price())
+                             load_price=config.selection_load_price(),
+                             slowdown=config.selection_slowdown())
     applier = ConfigApplier(cluster, mix, inflight=lambda: [p.adm.variant for p in pipeline.inflight.values()
                                                              if p.adm is not None],
                             stop_delay_s=config.adapt.adapt_stop_delay_s)

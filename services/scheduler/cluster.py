@@ -46,6 +46,7 @@ class Cluster:
         self.instances: list[Instance] = []
         self.infos: dict[str, Any] = {}
         self._profiles: dict[tuple[str, str], collections.deque] = {}
+        self._cpu_profiles: dict[tuple[str, str], collections.deque] = {}
         self._profile_window = profile_window
         self._task: asyncio.Task | None = None
         self._stopping = False  # set by `stop`: the refresh loop ends
@@ -111,15 +112,26 @@ class Cluster:
                         variant=getattr(w, "variant", ""))
 
     # ---- profiles ----------------------------------------------------------------------
-    def record(self, instance: str, stage: str, tokens: int, seconds: float) -> None:
-        """A measured (tokens, seconds) of a stage's compute on an instance."""
+    def record(self, instance: str, stage: str, tokens: int, seconds: float, cpu_seconds: float = 0.0) -> None:
+        """A measured (tokens, seconds) of a stage's compute on an instance; `cpu_seconds`: the
+        worker process's CPU time during it (0: not measured), for `cpu_capacity`."""
         if tokens > 0 and seconds > 0:
             self._profiles.setdefault((instance, stage), collections.deque(maxlen=self._profile_window)).append(
                 (tokens, seconds))
+        if tokens > 0 and cpu_seconds > 0:
+            self._cpu_profiles.setdefault((instance, stage), collections.deque(maxlen=self._profile_window)).append(
+                (tokens, cpu_seconds))
 
-    def samples(self, instance: str, stage: str) -> list[tuple[int, float]]:
-        """The recent (tokens, seconds) measured of `stage` on `instance`, oldest first."""
-        return list(self._profiles.get((instance, stage), ()))
+    def samples(self, instance: str, stage: str, *, cpu: bool = False) -> list[tuple[int, float]]:
+        """The recent (tokens, seconds) measured of `stage` on `instance` (`cpu`: CPU seconds),
+        oldest first."""
+        return list((self._cpu_profiles if cpu else self._profiles).get((instance, stage), ()))
+
+    def cpu_capacity(self, instance: str, stage: str) -> float:
+        """Tokens per CPU second of `stage` on `instance`: what it does with the cores it is
+        given to itself, whoever else was competing for them when measured (0: not measured)."""
+        samples = self._cpu_profiles.get((instance, stage))
+        return capacity_from_profile(list(samples)) if samples else 0.0
 
     def profiled(self, instance: str, stage: str) -> float:
         samples = self._profiles.get((instance, stage))

@@ -170,11 +170,15 @@ class SchedulerConfig:
     selection_overlap: bool = field(default=True, metadata={
         "help": "selection's model: the stages overlap as a flow shop (split workers); off: one server, every stage of every request in series"})
     selection_parallelism: float = field(default=0.0, metadata={
-        "help": "cores or devices the stages share, bounding how much of their work overlaps (0: each stage its own; e.g. 2 for single-threaded stage processes on two cores)"})
+        "help": "CPU cores the stages share, bounding how much of their work overlaps; work is then measured in the workers' CPU seconds, so the program shares the cores itself (0: each stage its own device or cores, wall-clock rates; e.g. 2 for single-threaded stage processes on two cores)"})
     selection_price: float = field(default=1.0, metadata={
         "help": "accuracy the selection trades per second of work while arrivals overload a stage, per unit of "
                 "overload: price = this x (offered load - 1), so requests arrive reduced before deadlines force it "
                 "(never below their floors); 0: reduce only to meet deadlines"})
+    selection_feedback: bool = field(default=True, metadata={
+        "help": "the selection's capacities divided by how much later than predicted its requests finish (the "
+                "median over the last 32 served): what its model leaves out is charged to the work; off: the "
+                "measured capacities as they are"})
     selection_price_window_s: float = field(default=10.0, metadata={
         "help": "seconds of arrivals the offered load is measured over (the selection's price)"})
     api_keys: str = field(default="", metadata={
@@ -234,6 +238,14 @@ class SchedulerConfig:
         from services.scheduler.core.selection import Flow
 
         return Flow(parallelism=self.selection_parallelism or math.inf)
+
+    def selection_slowdown(self):
+        """The selection's closed-loop correction (`core.selection_jobs.Slowdown`), or None."""
+        if not self.selection_feedback:
+            return None
+        from services.scheduler.core.selection_jobs import Slowdown
+
+        return Slowdown()
 
     def selection_load_price(self):
         """The selection's price of work under overload (`core.selection_jobs.LoadPrice`), or None."""

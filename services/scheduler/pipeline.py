@@ -88,9 +88,11 @@ class Reassigned(StageError):
         super().__init__(grpc.StatusCode.ABORTED, "inputs reassigned before encoding")
 
 
-def _share_s(tokens: int, detail: dict) -> float:
-    """A READY encode or prefill task's share of its batch's compute, in seconds."""
-    return task_share_s(tokens, float(detail.get("compute_ms", 0.0)) / 1000, float(detail.get("batch_tokens", 0)))
+def _shares_s(tokens: int, detail: dict) -> tuple[float, float]:
+    """A READY encode or prefill task's share of its batch's compute: wall and CPU seconds."""
+    batch = float(detail.get("batch_tokens", 0))
+    return (task_share_s(tokens, float(detail.get("compute_ms", 0.0)) / 1000, batch),
+            task_share_s(tokens, float(detail.get("compute_cpu_ms", 0.0)) / 1000, batch))
 
 
 class Pipeline:
@@ -337,7 +339,7 @@ class Pipeline:
                 first = int(event.detail["first_token"])
                 progress.prefill_ms = float(event.detail.get("compute_ms", 0.0))
                 self.cluster.record(progress.tasks[prefill_id][1], "prefill", len(input_ids),
-                                    _share_s(len(input_ids), event.detail))
+                                    *_shares_s(len(input_ids), event.detail))
                 break
         if first is None:
             raise StageError(grpc.StatusCode.INTERNAL, "prefill ended the task without a first token")
@@ -378,9 +380,11 @@ class Pipeline:
             decode_worker = progress.tasks[decode_id][1]  # with shared queues, the worker that took it
             # Decode throughput of that instance at the batches it ran in: its tokens over its share
             # of the steps' compute (reported by the worker), else over the wall time at the batch.
-            share_s = float(event.detail.get("compute_ms", 0.0)) / 1000 if event.state is TaskState.DONE else 0.0
+            done = event.state is TaskState.DONE
+            share_s = float(event.detail.get("compute_ms", 0.0)) / 1000 if done else 0.0
             if share_s > 0:
-                self.cluster.record(decode_worker, "decode", decoded, share_s)
+                self.cluster.record(decode_worker, "decode", decoded, share_s,
+                                    float(event.detail.get("compute_cpu_ms", 0.0)) / 1000 if done else 0.0)
             else:
                 batch = max(1, self.cluster.book.slots_used(decode_worker) + 1)
                 self.cluster.record(decode_worker, "decode", decoded * batch, time.perf_counter() - decode_started)
@@ -440,5 +444,5 @@ class Pipeline:
                 src.address = await self._address(progress.tasks[src.task_id][1])
         for src, event in zip(sources, events):
             tokens = sum(adm.prompt.items[i].num_tokens for i in src.items)
-            self.cluster.record(progress.tasks[src.task_id][1], "encode", tokens, _share_s(tokens, event.detail))
+            self.cluster.record(progress.tasks[src.task_id][1], "encode", tokens, *_shares_s(tokens, event.detail))
         return sources

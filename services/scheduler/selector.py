@@ -21,6 +21,11 @@ the caller's floor are not offered, the full request always is).
   program trades accuracy for work at a price that grows with the overload, so arrivals and
   queued jobs are served on cheaper inputs (never below a floor) before deadlines force it and
   more requests finish in time.
+* **Feedback** (`Slowdown`): each request the program admitted and that was served adds its
+  actual over its predicted e2e; the measured capacities are divided by the median of these, so
+  what the model leaves out (transfers, the scheduler's own work, shared cores) is charged to
+  the work. With `Flow.parallelism` (cores the stages share) the capacities are tokens per CPU
+  second of the workers, and the program shares the cores itself.
 * **A slow stage**: every `every_s` the queue is checked against the measured stage capacities
   (`tick`); when a deadline is at risk, the reassignable jobs are reassigned the same way (a
   job late even on its cheapest strategy is put on it, and constrains no one).
@@ -39,6 +44,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +57,7 @@ from services.scheduler.core.selection import FULL, Flow, Job, Strategy, admit_w
 from services.scheduler.core.selection_jobs import (
     LoadPrice,
     Served,
+    Slowdown,
     arrival_price,
     job_of,
     new_job,
@@ -97,6 +104,7 @@ class Stats:
     refused: int = 0
     reassigned: int = 0  # queued requests whose inputs were changed
     lost_races: int = 0  # reassignments not applied: a worker had started encoding
+    slowdown: float = 1.0  # actual over predicted e2e of the requests served (`Slowdown`)
     price: float = 0.0  # the load price at the latest arrival (`LoadPrice`)
     offered_load: float = 0.0  # the offered load at the latest arrival
 
@@ -104,9 +112,12 @@ class Stats:
 class Selector:
     def __init__(self, profile: Any, pipeline: Pipeline, executor: concurrent.futures.Executor, *,
                  every_s: float = 0.25, time_limit_s: float = 0.01, flow: Flow | None = None,
-                 load_price: LoadPrice | None = None):
+                 load_price: LoadPrice | None = None, slowdown: Slowdown | None = None):
         self.profile = profile
         self.load_price = load_price  # None: the program trades no accuracy for work (deadlines only)
+        self.slowdown = slowdown  # None: the measured capacities as they are
+        self._predicted: dict[str, tuple[float, float]] = {}  # admitted by the program: (arrival, predicted e2e s)
+        self._slow = 1.0  # the slowdown the latest capacities were divided by
         self.flow = flow  # the program's model: stages overlapping (a flow shop), or None: in series
         self.pipeline = pipeline
         self.executor = executor
@@ -178,18 +189,32 @@ class Selector:
     def finished(self, request_id: str) -> None:
         self.served.pop(request_id, None)
         self.entries.pop(request_id, None)
+        self._predicted.pop(request_id, None)
+
+    def completed(self, request_id: str) -> None:
+        """The request was served whole: how long it took against what the program predicted."""
+        predicted = self._predicted.pop(request_id, None)
+        if predicted is not None and self.slowdown is not None:
+            arrival, predicted_s = predicted
+            self.slowdown.served(predicted_s, time.time() - arrival)
+            self.stats.slowdown = self.slowdown.value
 
     # ---- the program's view ------------------------------------------------------------
     def capacity(self) -> dict[str, float]:
-        """Tokens/s per stage over the live, non-draining instances, as measured live (decode:
-        tokens over each request's share of its batched steps, the batch's throughput) or
-        assumed until measured."""
-        cap: dict[str, float] = {}
-        for inst in self.pipeline.cluster.instances:
+        """Tokens/s per stage over the live, non-draining instances, as measured live (each task
+        over its share of its batch's compute: the batch's throughput) or assumed until measured.
+        When the program's stages share a bounded number of cores (`Flow.parallelism`), tokens
+        per CPU second: the program itself then shares the cores among the busy stages, which
+        wall-clock rates measured under contention would count a second time."""
+        cluster, cap = self.pipeline.cluster, {}
+        per_cpu = self.flow is not None and self.flow.parallelism < math.inf
+        for inst in cluster.instances:
             if not inst.draining:
                 for stage in inst.stages:
-                    cap[stage] = cap.get(stage, 0.0) + inst.capacity[stage]
-        return cap
+                    rate = (cluster.cpu_capacity(inst.name, stage) if per_cpu else 0.0) or inst.capacity[stage]
+                    cap[stage] = cap.get(stage, 0.0) + rate
+        self._slow = self.slowdown.value if self.slowdown is not None else 1.0
+        return {stage: rate / self._slow for stage, rate in cap.items()}
 
     def _reassignable(self, rid: str, progress: Progress) -> bool:
         return (rid in self.entries and progress.reassignable and progress.reassigned is None
@@ -280,6 +305,9 @@ class Selector:
                     raise
                 return self._accept(await self._own_reductions(adm, entry, exc), entry)
             await self._apply({rid: decision.assignment.choice[rid] for rid in decision.changed})
+            # What the model itself predicts (its times scale with the slowdown it was given)
+            left_s = (decision.assignment.finish[adm.request_id] - now) / self._slow
+            self._predicted[adm.request_id] = (adm.arrival, now - adm.arrival + left_s)
             if decision.strategy != FULL or decision.changed:
                 self.stats.fitted += 1
             return self._accept(candidate, entry)

@@ -40,7 +40,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
     def __init__(self, models: dict[str, ServedModel], default_model: str, limits: Limits, pipeline: Pipeline,
                  store: RequestStore, *, owner: str, lease_s: float, profile: Any = None,
                  selection_flow: Any = None, variants: dict[str, ServedModel] | None = None,
-                 mix: VariantMix | None = None, load_price: Any = None):
+                 mix: VariantMix | None = None, load_price: Any = None, slowdown: Any = None):
         self.models, self.default_model, self.limits = models, default_model, limits
         #: Variants of the default model served side by side (each its own pipeline of workers)
         #: and the mix that picks one for a request pinning none; None: no variants.
@@ -50,7 +50,8 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
         self.owner, self.lease_s = owner, lease_s
         # Processing (media decoding, image processors, tokenizer) runs off the event loop.
         self._intake = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="intake")
-        self.selector = Selector(profile, pipeline, self._intake, flow=selection_flow, load_price=load_price)
+        self.selector = Selector(profile, pipeline, self._intake, flow=selection_flow, load_price=load_price,
+                                 slowdown=slowdown)
         self._drivers: dict[str, asyncio.Task] = {}
         self._active: set[str] = set()  # requests this scheduler is driving now
 
@@ -151,6 +152,7 @@ class PrismServicer(prism_pb2_grpc.PrismServiceServicer):
                         "prism.expected_accuracy": red.expected_accuracy, "prism.placement": progress.placement,
                         "prism.attempts": progress.attempt, "prism.ttft_ms": message.timing.ttft_ms})
                     await self.store.finish(rid, "done", finish=int(message.finish_reason))
+                    self.selector.completed(rid)
                     metrics.REQUESTS.labels(self.default_model, "OK").inc()
                 yield message
         except StageError as exc:

@@ -230,13 +230,31 @@ async def test_encode_and_prefill_are_profiled_by_each_tasks_share_of_its_batch(
         for stage, name, count in (("encode", enc_name, "prism.media_tokens"), ("prefill", pre_name, "prism.prompt_tokens")):
             spans = [s.attributes for s in exporter.get_finished_spans() if s.name == f"prism.{stage}"]
             assert len(spans) == 3 and any(a["prism.batch_size"] > 1 for a in spans)
-            samples = sorted(cluster.samples(name, stage))
-            expected = sorted((a[count], a["prism.compute_ms"] / 1000 * a[count] / a["prism.batch_tokens"]) for a in spans)
-            assert [n for n, _ in samples] == [n for n, _ in expected]
-            assert [s for _, s in samples] == pytest.approx([s for _, s in expected], rel=1e-9)
+            for cpu, key in ((False, "prism.compute_ms"), (True, "prism.compute_cpu_ms")):
+                samples = sorted(cluster.samples(name, stage, cpu=cpu))
+                expected = sorted((a[count], a[key] / 1000 * a[count] / a["prism.batch_tokens"]) for a in spans)
+                assert [n for n, _ in samples] == [n for n, _ in expected]
+                assert [s for _, s in samples] == pytest.approx([s for _, s in expected], rel=1e-9)
             for a in spans:  # a batch's shares add up to its compute
+                assert a["prism.compute_cpu_ms"] > 0
                 mates = [b for b in spans if b["prism.compute_ms"] == a["prism.compute_ms"]]
                 assert sum(b[count] for b in mates) == a["prism.batch_tokens"]
+        # The selection's program on cores the stages share counts work in CPU seconds (the
+        # measured tokens per CPU second); on its own devices, in the measured wall-clock rates.
+        from types import SimpleNamespace
+
+        from services.scheduler.core.selection import Flow
+        from services.scheduler.selector import Selector
+
+        dec_name = c.named(("decode",))[0]
+        names = {"encode": enc_name, "prefill": pre_name, "decode": dec_name}
+        assert all(cluster.samples(n, stage, cpu=True) for stage, n in names.items())
+        pipeline = SimpleNamespace(cluster=cluster)
+        shared = Selector(None, pipeline, None, flow=Flow(parallelism=2)).capacity()
+        assert shared == {stage: cluster.cpu_capacity(n, stage) for stage, n in names.items()}
+        own = Selector(None, pipeline, None, flow=Flow()).capacity()
+        by_name = {i.name: i for i in cluster.instances}
+        assert own == {stage: by_name[n].capacity[stage] for stage, n in names.items()}
 
 
 async def test_a_slow_ready_write_never_loses_the_first_token(tiny_models, oracle, monkeypatch):
@@ -272,6 +290,8 @@ async def test_decode_is_profiled_by_each_requests_share_of_its_batched_steps(ti
         samples = c.parts["cluster"].samples(decoder, "decode")
         # one sample per request; the first token comes from prefill
         assert sorted(n for n, _ in samples) == sorted(len(t) - 1 for t, _ in results) and len(samples) == 3
+        cpu = c.parts["cluster"].samples(decoder, "decode", cpu=True)  # the process's CPU time in those steps
+        assert sorted(n for n, _ in cpu) == sorted(n for n, _ in samples) and all(s > 0 for _, s in cpu)
         worker = c.worker(decoder, "decode")
         assert max(worker.batch_sizes) > 1
         # three requests shared batched steps: their shares add up to less than the wall time

@@ -187,6 +187,8 @@ async def test_an_arrival_reassigns_a_queued_request_not_yet_encoded(tiny_models
     assert last2.reductions.strategy == "full"
     assert tok2 == oracle.chat("third", [random_image(93), random_image(94)], 6)
     assert selector.stats.fitted == 1 and selector.served == {}
+    # the two the program admitted (R0 has no deadline) are its feedback: actual over predicted e2e
+    assert selector.slowdown.samples == 2 and sel.slowdown == selector.slowdown.value == 1.0  # 8 needed
 
 
 async def test_a_slow_stage_reassigns_a_queued_request_at_risk(tiny_models, oracle, profile):

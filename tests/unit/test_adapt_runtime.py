@@ -94,6 +94,28 @@ async def test_compute_thread_applies_a_share_on_its_own_thread():
     assert tuple(sorted(os.sched_getaffinity(0))) == allowed
 
 
+async def test_compute_thread_times_a_call_in_wall_and_cpu_seconds():
+    import time
+
+    def spin(seconds: float) -> str:
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+        return "spun"
+
+    compute = ComputeThread("t")
+    try:
+        out, wall, cpu = await compute.timed(spin, 0.2)
+        assert out == "spun" and cpu >= 0.2 and wall >= 0.2  # busy: it burns what it takes
+        out, wall, cpu = await compute.timed(time.sleep, 0.3)
+        assert out is None and wall >= 0.3 and cpu < 0.15  # waiting costs no CPU
+        await compute.run(spin, 0.2)  # work around the timed calls (serving outputs...) counts too
+        out, wall, cpu = await compute.timed(time.sleep, 0.05)
+        assert wall < 0.2 <= cpu
+    finally:
+        compute.shutdown()
+
+
 def test_batch_budget_bounds_the_batch_by_the_tightest_budget():
     budget = BatchBudget()
     assert budget.limit(1, [50.0, 50.0], max_batch=0) == 0  # nothing measured: unbounded

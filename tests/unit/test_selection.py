@@ -25,7 +25,7 @@ from services.scheduler.core.selection import (
     stage_seconds,
     strategy_table,
 )
-from services.scheduler.core.selection_jobs import LoadPrice, arrival_price
+from services.scheduler.core.selection_jobs import LoadPrice, Slowdown, arrival_price
 
 CAP = {"encode": 1000.0, "prefill": 2000.0, "decode": 100.0}
 
@@ -615,3 +615,25 @@ def test_selection_time_reports_a_solved_decision():
     jobs = selection._overloaded_queue(12, 4, 3)
     assert diagnose(jobs, 0.0, selection._BENCH_CAPACITY) == ()  # every deadline can be met...
     assert not reassign(jobs, 0.0, selection._BENCH_CAPACITY).fast_path  # ...but not as is
+
+
+def test_slowdown_is_the_median_error_of_the_requests_served_within_its_bounds():
+    slow = Slowdown(window=4, min_samples=3, low=1.0, high=3.0)
+    slow.served(1.0, 2.0)
+    slow.served(2.0, 3.0)
+    assert slow.value == 1.0  # too few served yet
+    slow.served(1.0, 5.0)
+    assert slow.value == 2.0  # ratios 2, 1.5, 5
+    slow.served(1.0, 0.5)  # faster than predicted: 2, 1.5, 5, 0.5
+    assert slow.value == 1.75
+    for _ in range(4):  # the window keeps the latest: the model is optimistic by 10x
+        slow.served(1.0, 10.0)
+    assert slow.value == 3.0  # at most `high`
+    for _ in range(4):
+        slow.served(2.0, 1.0)
+    assert slow.value == 1.0  # never below `low`
+    slow.served(0.0, 1.0)  # no prediction: ignored
+    slow.served(1.0, math.inf)
+    assert slow.value == 1.0
+    with pytest.raises(ValueError):
+        Slowdown(window=2, min_samples=3)

@@ -16,7 +16,9 @@ given, so both make the same decisions on the same state:
 * `tick_changes` -- the periodic check: a job late even on its cheapest strategy is put on it
   (and constrains no one), the others are reassigned when a deadline is at risk;
 * `LoadPrice` -- what a second of work costs in accuracy now: nothing while the arrivals' work
-  fits the stages, `scale` x (offered load - 1) beyond (the program's `price`).
+  fits the stages, `scale` x (offered load - 1) beyond (the program's `price`);
+* `Slowdown` -- how much later than the program predicted requests finish (its model's error,
+  from the requests served), by which the measured capacities are divided.
 
 Pure: no gRPC, Redis or torch.
 """
@@ -24,13 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from services.scheduler.core.selection import FULL, Capacity, Flow, Job, Strategy, diagnose, reassign
 
-__all__ = ["LoadPrice", "Served", "arrival_price", "job_of", "new_job", "offered", "remaining", "serving_order",
+__all__ = ["LoadPrice", "Served", "Slowdown", "arrival_price", "job_of", "new_job", "offered", "remaining", "serving_order",
            "tick_changes"]
 
 
@@ -197,3 +200,36 @@ class LoadPrice:
     def price(self, now: float) -> float:
         """Accuracy per second of work (`reassign`'s price)."""
         return self.scale * max(0.0, self.load(now) - 1.0) if self.scale else 0.0
+
+
+class Slowdown:
+    """The program's error, closed-loop: each request served adds its actual e2e over the e2e the
+    program predicted when it admitted it; the slowdown is the median of the last `window` of
+    these, within [`low`, `high`] (1.0 until `min_samples` are in). The live selector divides the
+    measured stage capacities by it, so what the model leaves out (transfers between stages, the
+    scheduler's own work, cores shared with other processes, queued requests pushed back by more
+    urgent ones) is charged to the work, and an overloaded system refuses or reduces in time
+    instead of serving late. Pure."""
+
+    def __init__(self, window: int = 32, min_samples: int = 8, low: float = 1.0, high: float = 4.0) -> None:
+        if window < 1 or not 1 <= min_samples <= window or not 0 < low <= high:
+            raise ValueError(f"Slowdown: need window >= min_samples >= 1 and 0 < low <= high, got "
+                             f"{window}, {min_samples}, {low}, {high}")
+        self.min_samples, self.low, self.high = min_samples, float(low), float(high)
+        self._ratios: deque[float] = deque(maxlen=window)
+
+    def served(self, predicted_s: float, actual_s: float) -> None:
+        """A request served in `actual_s` seconds that the program predicted would take `predicted_s`."""
+        if predicted_s > 0 and actual_s > 0 and math.isfinite(predicted_s) and math.isfinite(actual_s):
+            self._ratios.append(actual_s / predicted_s)
+
+    @property
+    def samples(self) -> int:
+        """Requests in the window."""
+        return len(self._ratios)
+
+    @property
+    def value(self) -> float:
+        if len(self._ratios) < self.min_samples:
+            return 1.0
+        return min(self.high, max(self.low, statistics.median(self._ratios)))
