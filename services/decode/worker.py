@@ -300,7 +300,6 @@ class DecodeWorker:
             log.error("could not fail %s: %s", rid, again)
 
     # ---- the batch ---------------------------------------------------------------------
-
     async def _step_loop(self) -> None:
         while True:
             if self._cancelled:

@@ -114,28 +114,22 @@ class Cluster:
     # ---- profiles ----------------------------------------------------------------------
     def record(self, instance: str, stage: str, tokens: int, seconds: float, cpu_seconds: float = 0.0) -> None:
         """A measured (tokens, seconds) of a stage's compute on an instance; `cpu_seconds`: the
-        worker process's CPU time during it (0: not measured), for `cpu_capacity`."""
-        if tokens > 0 and seconds > 0:
-            self._profiles.setdefault((instance, stage), collections.deque(maxlen=self._profile_window)).append(
-                (tokens, seconds))
-        if tokens > 0 and cpu_seconds > 0:
-            self._cpu_profiles.setdefault((instance, stage), collections.deque(maxlen=self._profile_window)).append(
-                (tokens, cpu_seconds))
+        worker process's CPU time during it (0: not measured), for ``profiled(cpu=True)``."""
+        for profiles, spent in ((self._profiles, seconds), (self._cpu_profiles, cpu_seconds)):
+            if tokens > 0 and spent > 0:
+                profiles.setdefault((instance, stage), collections.deque(maxlen=self._profile_window)).append(
+                    (tokens, spent))
 
     def samples(self, instance: str, stage: str, *, cpu: bool = False) -> list[tuple[int, float]]:
         """The recent (tokens, seconds) measured of `stage` on `instance` (`cpu`: CPU seconds),
         oldest first."""
         return list((self._cpu_profiles if cpu else self._profiles).get((instance, stage), ()))
 
-    def cpu_capacity(self, instance: str, stage: str) -> float:
-        """Tokens per CPU second of `stage` on `instance`: what it does with the cores it is
-        given to itself, whoever else was competing for them when measured (0: not measured)."""
-        samples = self._cpu_profiles.get((instance, stage))
-        return capacity_from_profile(list(samples)) if samples else 0.0
-
-    def profiled(self, instance: str, stage: str) -> float:
-        samples = self._profiles.get((instance, stage))
-        return capacity_from_profile(list(samples)) if samples else 0.0
+    def profiled(self, instance: str, stage: str, *, cpu: bool = False) -> float:
+        """Tokens per second of `stage` on `instance` as measured (0: not measured); `cpu`: per CPU
+        second, what it does with the cores to itself, whoever else was competing for them."""
+        samples = self.samples(instance, stage, cpu=cpu)
+        return capacity_from_profile(samples) if samples else 0.0
 
     def stage_profile(self, stage: str) -> float:
         """Tokens/s of a stage measured on any instance (same model, likely the same kind of

@@ -175,12 +175,12 @@ class SchedulerConfig:
         "help": "accuracy the selection trades per second of work while arrivals overload a stage, per unit of "
                 "overload: price = this x (offered load - 1), so requests arrive reduced before deadlines force it "
                 "(never below their floors); 0: reduce only to meet deadlines"})
+    selection_price_window_s: float = field(default=10.0, metadata={
+        "help": "seconds of arrivals the offered load is measured over (the selection's price)"})
     selection_feedback: bool = field(default=True, metadata={
         "help": "the selection's capacities divided by how much later than predicted its requests finish (the "
                 "median over the last 32 served): what its model leaves out is charged to the work; off: the "
                 "measured capacities as they are"})
-    selection_price_window_s: float = field(default=10.0, metadata={
-        "help": "seconds of arrivals the offered load is measured over (the selection's price)"})
     api_keys: str = field(default="", metadata={
         "help": 'API keys, as JSON {"keys": [{"name", "sha256", "rate_per_s", "burst", "max_concurrent", "admin"}]} '
                 "(hashes only: `prism keys new` makes a key and its entry), usually from the environment "

@@ -380,11 +380,10 @@ class Pipeline:
             decode_worker = progress.tasks[decode_id][1]  # with shared queues, the worker that took it
             # Decode throughput of that instance at the batches it ran in: its tokens over its share
             # of the steps' compute (reported by the worker), else over the wall time at the batch.
-            done = event.state is TaskState.DONE
-            share_s = float(event.detail.get("compute_ms", 0.0)) / 1000 if done else 0.0
+            share_s = float(event.detail.get("compute_ms", 0.0)) / 1000 if event.state is TaskState.DONE else 0.0
             if share_s > 0:
                 self.cluster.record(decode_worker, "decode", decoded, share_s,
-                                    float(event.detail.get("compute_cpu_ms", 0.0)) / 1000 if done else 0.0)
+                                    float(event.detail.get("compute_cpu_ms", 0.0)) / 1000)
             else:
                 batch = max(1, self.cluster.book.slots_used(decode_worker) + 1)
                 self.cluster.record(decode_worker, "decode", decoded * batch, time.perf_counter() - decode_started)

@@ -211,7 +211,7 @@ class Selector:
         for inst in cluster.instances:
             if not inst.draining:
                 for stage in inst.stages:
-                    rate = (cluster.cpu_capacity(inst.name, stage) if per_cpu else 0.0) or inst.capacity[stage]
+                    rate = (cluster.profiled(inst.name, stage, cpu=True) if per_cpu else 0.0) or inst.capacity[stage]
                     cap[stage] = cap.get(stage, 0.0) + rate
         self._slow = self.slowdown.value if self.slowdown is not None else 1.0
         return {stage: rate / self._slow for stage, rate in cap.items()}

@@ -251,7 +251,7 @@ async def test_encode_and_prefill_are_profiled_by_each_tasks_share_of_its_batch(
         assert all(cluster.samples(n, stage, cpu=True) for stage, n in names.items())
         pipeline = SimpleNamespace(cluster=cluster)
         shared = Selector(None, pipeline, None, flow=Flow(parallelism=2)).capacity()
-        assert shared == {stage: cluster.cpu_capacity(n, stage) for stage, n in names.items()}
+        assert shared == {stage: cluster.profiled(n, stage, cpu=True) for stage, n in names.items()}
         own = Selector(None, pipeline, None, flow=Flow()).capacity()
         by_name = {i.name: i for i in cluster.instances}
         assert own == {stage: by_name[n].capacity[stage] for stage, n in names.items()}
