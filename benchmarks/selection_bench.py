@@ -27,6 +27,11 @@ local redis-server):
    arrivals overload a stage it trades accuracy for work at the scheduler's load price,
    `--price`, so arrivals come reduced before deadlines force it).
 
+With `--repeats R` each load's sequence is replayed R times on each deployment, `--pause-s` apart
+(longer than the load price's window, so each replay is a burst out of quiet; what the
+scheduler's feedback learned stays, as in a system that keeps running), and the numbers are
+pooled over the replays, each also reported: one replay of 60 requests varies a lot.
+
 Goodput: requests that finish all their tokens within their deadline (client-measured) with the
 expected accuracy of what was served at or above their floor (the full request: 1.0), per
 second of trace time. JCT: client-measured e2e of the completed requests (mean, p99); refused
@@ -83,6 +88,18 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--price", type=float, default=1.0,
                    help="the scheduler's --selection-price (accuracy per second of work per unit of overload; 0: "
                         "reduce only to meet deadlines)")
+    p.add_argument("--price-window-s", type=float, default=10.0,
+                   help="the scheduler's --selection-price-window-s (seconds of arrivals the offered load is measured over)")
+    p.add_argument("--feedback-window", type=int, default=128,
+                   help="the scheduler's --selection-feedback-window (served requests the feedback remembers)")
+    p.add_argument("--feedback-quantile", type=float, default=0.75,
+                   help="the scheduler's --selection-feedback-quantile (the quantile of actual over predicted e2e the "
+                        "capacities are divided by)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="replays of the sequence per load on each deployment (pooled; each also reported), "
+                        "--pause-s apart")
+    p.add_argument("--pause-s", type=float, default=12.0,
+                   help="idle seconds between repeats (longer than the load price's window)")
     p.add_argument("--modes", type=str, default=",".join(MODES),
                    help=f"which of {', '.join(MODES)} to run (selection_off and selection_on at least)")
     p.add_argument("--seed", type=int, default=0)
@@ -93,6 +110,8 @@ def parse(argv=None) -> argparse.Namespace:
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if set(args.modes).difference(MODES) or not {"selection_off", "selection_on"} <= set(args.modes):
         p.error(f"--modes: from {', '.join(MODES)}, with selection_off and selection_on")
+    if args.repeats < 1 or not 0.0 <= args.feedback_quantile <= 1.0:
+        p.error("--repeats must be >= 1 and --feedback-quantile in [0, 1]")
     return args
 
 
@@ -140,7 +159,10 @@ def deployment(args, name: str, profile: Path | None):
     from prism.launch import Deployment, DeploymentOptions
 
     sched = [] if profile is None else ["--selection-profile", str(profile), "--selection-parallelism",
-                                        f"{args.parallelism:g}", "--selection-price", f"{args.price:g}"] + (
+                                        f"{args.parallelism:g}", "--selection-price", f"{args.price:g}",
+                                        "--selection-price-window-s", f"{args.price_window_s:g}",
+                                        "--selection-feedback-window", str(args.feedback_window),
+                                        "--selection-feedback-quantile", f"{args.feedback_quantile:g}"] + (
         ["--no-selection-overlap"] if args.serial_model else [])
     options = DeploymentOptions(model_dir=args.model_dir, layout=args.layout, placement=args.layout,
                                 threads=args.threads, slots=16, max_len=2048, log_dir=args.work_dir / "logs" / name,
@@ -243,22 +265,33 @@ def run_mode(args, name: str, profile: Path | None, seq: list, prompts: Prompts,
         for load in loads:
             rate = load / mean_s
             timed, trace_s = scaled(seq, rate)
-            GATE.wait()
-            say(f"{name}: {load}x load, {rate:.2f} req/s, {len(timed)} requests over {trace_s:.1f} s")
-            started = time.perf_counter()
-            results = asyncio.run(replay(dep.address, timed, prompts, idle, args))
-            summary = summarise(results, trace_s)
+            runs = []
+            for rep in range(args.repeats):
+                if rep:
+                    time.sleep(args.pause_s)
+                GATE.wait()
+                say(f"{name}: {load}x load, {rate:.2f} req/s, {len(timed)} requests over {trace_s:.1f} s"
+                    + (f" (repeat {rep + 1} of {args.repeats})" if args.repeats > 1 else ""))
+                started = time.perf_counter()
+                results = asyncio.run(replay(dep.address, timed, prompts, idle, args))
+                runs.append((results, time.perf_counter() - started))
+                one = summarise(results, trace_s)
+                say(f"{name} {load:g}x: good {one['good']}/{one['requests']}, goodput "
+                    f"{one['goodput_per_s']}/s, refused {one['refused']}, late {one['late']}, JCT mean "
+                    f"{one['jct_mean_ms']} p99 {one['jct_p99_ms']} ms, strategies {one['strategies']}")
+            summary = summarise([r for results, _ in runs for r in results], trace_s * len(runs))
             summary.update(load_x=load, rate_per_s=round(rate, 3), trace_time_s=round(trace_s, 2),
-                           wall_s=round(time.perf_counter() - started, 1))
+                           wall_s=round(sum(w for _, w in runs), 1))
+            if len(runs) > 1:
+                summary["repeats"] = [{k: v for k, v in summarise(results, trace_s).items()
+                                       if k in ("good", "late", "refused", "below_floor", "jct_mean_ms", "jct_p99_ms")}
+                                      for results, _ in runs]
             summary["per_request"] = [
-                {k: (rnd(v, 1) if isinstance(v, float) else v) for k, v in r.items()
-                 if k in ("index", "images", "floor", "deadline_ms", "code", "e2e_ms", "strategy", "accuracy")
-                 or (k == "message" and r["code"] != "OK")}
-                for r in results]
+                {"repeat": rep, **{k: (rnd(v, 1) if isinstance(v, float) else v) for k, v in r.items()
+                                   if k in ("index", "images", "floor", "deadline_ms", "code", "e2e_ms", "strategy",
+                                            "accuracy") or (k == "message" and r["code"] != "OK")}}
+                for rep, (results, _) in enumerate(runs) for r in results]
             out[f"{load:g}x"] = summary
-            say(f"{name} {load:g}x: good {summary['good']}/{summary['requests']}, goodput "
-                f"{summary['goodput_per_s']}/s, refused {summary['refused']}, late {summary['late']}, JCT mean "
-                f"{summary['jct_mean_ms']} p99 {summary['jct_p99_ms']} ms, strategies {summary['strategies']}")
         sel = dep.status().selection
         out["selector"] = {"decisions": sel.decisions, "decision_p50_ms": rnd(sel.decision_p50_ms, 3),
                            "decision_p99_ms": rnd(sel.decision_p99_ms, 3), "decision_max_ms": rnd(sel.decision_max_ms, 3),
@@ -285,7 +318,8 @@ def main(argv=None) -> None:
         "benchmark": "deadline-driven modality selection (issue 4)",
         "model": "llava small (fp32)", "layout": args.layout, "threads_per_worker": args.threads,
         "selection_model": "serial" if args.serial_model else f"stage queues, parallelism {args.parallelism or 'unbounded'}",
-        "selection_price": args.price,
+        "selection_price": args.price, "price_window_s": args.price_window_s,
+        "feedback_window": args.feedback_window, "feedback_quantile": args.feedback_quantile, "repeats": args.repeats,
         "sequence": meta, "profile": profile_meta,
         "calibration": {"idle_e2e_ms_by_images": {str(k): rnd(v * 1000, 1) for k, v in idle.items()},
                         "sustainable_rate_per_s": round(1 / mean_s, 3), "deadline_x": args.deadline_x},

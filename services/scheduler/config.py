@@ -176,11 +176,19 @@ class SchedulerConfig:
                 "overload: price = this x (offered load - 1), so requests arrive reduced before deadlines force it "
                 "(never below their floors); 0: reduce only to meet deadlines"})
     selection_price_window_s: float = field(default=10.0, metadata={
-        "help": "seconds of arrivals the offered load is measured over (the selection's price)"})
+        "help": "seconds of arrivals the offered load is measured over (the selection's price): the work of "
+                "those after the first over the time since it (at least 1 s), so a burst is priced from its "
+                "second arrival"})
     selection_feedback: bool = field(default=True, metadata={
         "help": "the selection's capacities divided by how much later than predicted its requests finish (the "
-                "median over the last 32 served): what its model leaves out is charged to the work; off: the "
-                "measured capacities as they are"})
+                "--selection-feedback-quantile over the last --selection-feedback-window served, and those in service already past their "
+                "prediction): what its model leaves out is charged to the work; off: the measured capacities as they are"})
+    selection_feedback_window: int = field(default=128, metadata={
+        "help": "how many served requests the feedback remembers: longer than a burst, so what the last burst "
+                "taught is not forgotten in the quiet after it (a short memory swings between bursts)"})
+    selection_feedback_quantile: float = field(default=0.75, metadata={
+        "help": "which quantile of those ratios the capacities are divided by (0.5: the median; higher: a margin "
+                "for the model's spread, refusing or reducing more so that fewer admitted requests finish late)"})
     api_keys: str = field(default="", metadata={
         "help": 'API keys, as JSON {"keys": [{"name", "sha256", "rate_per_s", "burst", "max_concurrent", "admin"}]} '
                 "(hashes only: `prism keys new` makes a key and its entry), usually from the environment "
@@ -215,6 +223,10 @@ class SchedulerConfig:
         check(self.selection_parallelism == 0 or self.selection_parallelism >= 1, "selection_parallelism",
               f"must be 0 (unbounded) or >= 1, got {self.selection_parallelism}")
         check(self.selection_price >= 0, "selection_price", f"must be >= 0, got {self.selection_price}")
+        check(self.selection_feedback_window >= 8, "selection_feedback_window",
+              f"must be >= 8 (the requests it needs before it acts), got {self.selection_feedback_window}")
+        check(0.0 <= self.selection_feedback_quantile <= 1.0, "selection_feedback_quantile",
+              f"must be in [0, 1], got {self.selection_feedback_quantile}")
         check(self.selection_price_window_s > 0, "selection_price_window_s",
               f"must be > 0, got {self.selection_price_window_s}")
         check(self.api_keys_file is None or Path(self.api_keys_file).is_file(), "api_keys_file",
@@ -245,7 +257,7 @@ class SchedulerConfig:
             return None
         from services.scheduler.core.selection_jobs import Slowdown
 
-        return Slowdown()
+        return Slowdown(window=self.selection_feedback_window, quantile=self.selection_feedback_quantile)
 
     def selection_load_price(self):
         """The selection's price of work under overload (`core.selection_jobs.LoadPrice`), or None."""

@@ -22,10 +22,12 @@ the caller's floor are not offered, the full request always is).
   queued jobs are served on cheaper inputs (never below a floor) before deadlines force it and
   more requests finish in time.
 * **Feedback** (`Slowdown`): each request the program admitted and that was served adds its
-  actual over its predicted e2e; the measured capacities are divided by the median of these, so
-  what the model leaves out (transfers, the scheduler's own work, shared cores) is charged to
-  the work. With `Flow.parallelism` (cores the stages share) the capacities are tokens per CPU
-  second of the workers, and the program shares the cores itself.
+  actual over its predicted e2e, and each still in service past its prediction its elapsed over
+  predicted time (a lower bound, heard before it finishes); the measured capacities are divided
+  by a quantile of these (`--selection-feedback-quantile`), so what the model leaves out
+  (transfers, the scheduler's own work, shared cores) is charged to the work. With
+  `Flow.parallelism` (cores the stages share) the capacities are tokens per CPU second of the
+  workers, and the program shares the cores itself.
 * **A slow stage**: every `every_s` the queue is checked against the measured stage capacities
   (`tick`); when a deadline is at risk, the reassignable jobs are reassigned the same way (a
   job late even on its cheapest strategy is put on it, and constrains no one).
@@ -196,8 +198,10 @@ class Selector:
         predicted = self._predicted.pop(request_id, None)
         if predicted is not None and self.slowdown is not None:
             arrival, predicted_s = predicted
-            self.slowdown.served(predicted_s, time.time() - arrival)
-            self.stats.slowdown = self.slowdown.value
+            actual_s = time.time() - arrival
+            self.slowdown.served(predicted_s, actual_s)
+            log.debug("request %s served in %.3f s; the program predicted %.3f s", request_id, actual_s, predicted_s)
+            self._slowdown_now()  # the status's slowdown
 
     # ---- the program's view ------------------------------------------------------------
     def capacity(self) -> dict[str, float]:
@@ -213,8 +217,19 @@ class Selector:
                 for stage in inst.stages:
                     rate = (cluster.profiled(inst.name, stage, cpu=True) if per_cpu else 0.0) or inst.capacity[stage]
                     cap[stage] = cap.get(stage, 0.0) + rate
-        self._slow = self.slowdown.value if self.slowdown is not None else 1.0
+        self._slow = self._slowdown_now()
         return {stage: rate / self._slow for stage, rate in cap.items()}
+
+    def _slowdown_now(self) -> float:
+        """The slowdown (`Slowdown.value_with`) from the requests served and those in service
+        already past what the program predicted for them."""
+        if self.slowdown is None:
+            return 1.0
+        now = time.time()
+        overdue = [(now - arrival) / predicted_s for arrival, predicted_s in self._predicted.values()
+                   if predicted_s > 0 and now - arrival > predicted_s]
+        self.stats.slowdown = self.slowdown.value_with(overdue)
+        return self.stats.slowdown
 
     def _reassignable(self, rid: str, progress: Progress) -> bool:
         return (rid in self.entries and progress.reassignable and progress.reassigned is None

@@ -220,8 +220,9 @@ async def test_a_slow_stage_reassigns_a_queued_request_at_risk(tiny_models, orac
 
 @pytest.mark.parametrize("price", [0.0, 1.0])
 async def test_under_overload_an_arrival_that_fits_whole_comes_reduced(tiny_models, oracle, profile, price):
-    """Two arrivals of two images each within the price window at 50 tokens/s of encoding: 5.1 s
-    of encoder work in 2 s, an offered load of 2.56. Both fit their 60 s deadlines whole; priced
+    """Two arrivals of two images each, moments apart, at 50 tokens/s of encoding: the second's
+    2.56 s of encoder work arrived within the load's shortest span (1 s), an offered load of
+    2.56. Both fit their 60 s deadlines whole; priced
     (`--selection-price 1`), the second, which allows dropping an image, arrives reduced (worth
     0.8 - 1.56 x 1.3 s against 1.0 - 1.56 x 2.6 s), and unpriced it is served as sent. The status
     reports the price; the tokens are exact on the inputs served."""
@@ -242,7 +243,7 @@ async def test_under_overload_an_arrival_that_fits_whole_comes_reduced(tiny_mode
     assert last0.reductions.strategy == "full"
     assert tok0 == oracle.chat("first", [random_image(95), random_image(96)], 6)
     if price:
-        assert sel.offered_load == pytest.approx(2 * 2 * 64 / 50 / 2.0, rel=0.05)
+        assert sel.offered_load == pytest.approx(2 * 64 / 50 / 1.0, rel=0.05)  # the second over 1 s
         assert sel.load_price == pytest.approx(sel.offered_load - 1.0, rel=1e-6) and sel.load_price > 1
         assert (last1.reductions.strategy, list(last1.reductions.dropped_images)) == ("drop_images:1", [1])
         assert last1.reductions.expected_accuracy == 0.8 and last1.placement.attempts == 1

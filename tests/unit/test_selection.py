@@ -255,11 +255,12 @@ def test_the_load_price_follows_the_offered_load():
     assert lp.price(0.0) == 0.0
     for t in range(10):  # 0.5 s of encode work a second: the stage keeps up
         lp.arrived(float(t), {"encode": 0.5, "prefill": 0.2})
-    assert lp.load(9.5) == pytest.approx(0.5) and lp.price(9.5) == 0.0
+    assert lp.load(9.0) == pytest.approx(0.5) and lp.price(9.0) == 0.0  # 9 arrivals' work since the first
     for t in range(10):  # then 3 s of prefill work a second
         lp.arrived(10.0 + t, {"encode": 0.1, "prefill": 3.0})
-    assert lp.load(19.5) == pytest.approx(3.0)  # the busiest stage; the first window has passed
-    assert lp.price(19.5) == pytest.approx(2.0 * (3.0 - 1.0))
+    assert lp.load(19.0) == pytest.approx(3.0)  # the busiest stage; the first window has passed
+    assert lp.price(19.0) == pytest.approx(2.0 * (3.0 - 1.0))
+    assert lp.load(24.0) == pytest.approx(4 * 3.0 / 9.0)  # t = 15..19 left: the four after the first over 9 s
     assert lp.price(40.0) == 0.0  # nothing arrived in the last window
     off = LoadPrice(scale=0.0)
     off.arrived(0.0, {"encode": 100.0})
@@ -267,9 +268,27 @@ def test_the_load_price_follows_the_offered_load():
     with pytest.raises(ValueError):
         LoadPrice(scale=-1.0)
     job = Job("n", (Strategy(FULL, 1.0, encode_tokens=200, prefill_tokens=100),), deadline=5.0)
-    lp2 = LoadPrice(scale=1.0, window_s=1.0)
-    assert arrival_price(lp2, 0.0, job, {"encode": 100.0, "prefill": 100.0}) == pytest.approx(1.0)  # 2 s of encode
+    lp2 = LoadPrice(scale=1.0, window_s=10.0)
+    assert arrival_price(lp2, 0.0, job, {"encode": 100.0, "prefill": 100.0}) == 0.0  # one arrival: no rate yet
+    # the second, 0.5 s later: its 2 s of encode over the min span of 1 s
+    assert arrival_price(lp2, 0.5, job, {"encode": 100.0, "prefill": 100.0}) == pytest.approx(1.0)
     assert arrival_price(None, 0.0, job, {"encode": 100.0, "prefill": 100.0}) == 0.0
+
+
+def test_a_burst_is_priced_from_its_second_arrival_not_averaged_over_the_window():
+    """After a quiet minute, a request of 1.2 s of encode work arrives every 0.4 s (3x the
+    encoder): priced from the second on, where a 10 s average would still read 0.36 (no price)
+    after three."""
+    lp = LoadPrice(scale=1.0, window_s=10.0)
+    lp.arrived(0.0, {"encode": 0.2})
+    assert lp.load(60.0) == 0.0  # the quiet minute has left the window
+    for k in range(3):
+        lp.arrived(60.0 + 0.4 * k, {"encode": 1.2})
+    assert lp.load(60.8) == pytest.approx(2 * 1.2 / 1.0)  # two arrivals since the first, min span 1 s
+    lp.arrived(61.2, {"encode": 1.2})
+    assert lp.load(61.2) == pytest.approx(3 * 1.2 / 1.2) and lp.price(61.2) == pytest.approx(2.0)
+    assert lp.load(65.0) == pytest.approx(3 * 1.2 / 5.0)  # no more arrivals: the rate decays
+    assert LoadPrice(window_s=0.5).min_span_s == 0.5  # never beyond the window
 
 
 def test_overlapping_stages_admit_what_one_server_cannot():
@@ -637,3 +656,24 @@ def test_slowdown_is_the_median_error_of_the_requests_served_within_its_bounds()
     assert slow.value == 1.0
     with pytest.raises(ValueError):
         Slowdown(window=2, min_samples=3)
+    with pytest.raises(ValueError):
+        Slowdown(quantile=1.5)
+
+
+def test_slowdown_counts_requests_in_service_past_their_prediction_and_takes_its_quantile():
+    slow = Slowdown(window=8, min_samples=3, low=1.0, high=4.0)
+    slow.served(1.0, 1.2)
+    slow.served(1.0, 1.4)
+    assert slow.value == 1.0  # two served: too few
+    # a request in service for 3x its prediction is a third sample; one not past its own is none
+    assert slow.value_with([3.0, 0.9]) == pytest.approx(1.4)  # median of 1.2, 1.4, 3.0
+    assert slow.value_with([3.0, 3.5]) == pytest.approx(2.2)  # median of 1.2, 1.4, 3.0, 3.5
+    assert slow.value_with([math.inf, math.nan]) == 1.0  # no sample
+    slow.served(1.0, 2.0)
+    slow.served(1.0, 3.0)
+    assert slow.value == pytest.approx(1.7)  # median of 1.2, 1.4, 2, 3
+    upper = Slowdown(window=8, min_samples=3, quantile=0.75)
+    for actual in (1.2, 1.4, 2.0, 3.0):
+        upper.served(1.0, actual)
+    assert upper.value == pytest.approx(2.25)  # 1.2, 1.4, 2, 3: the 0.75 quantile, interpolated
+    assert Slowdown(min_samples=1, quantile=1.0, high=10.0).value_with([5.0]) == 5.0

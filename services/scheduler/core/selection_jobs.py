@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from services.scheduler.core.selection import FULL, Capacity, Flow, Job, Strategy, diagnose, reassign
 
@@ -161,18 +162,26 @@ class LoadPrice:
     overload serving everyone's every input serves fewer people in time).
 
     Every arrival, admitted or not, adds its FULL request's work per stage (seconds at the
-    capacities of the moment, `Strategy.stage_seconds`); the offered load of a stage is its work
-    arrived in the last `window_s` seconds per second, the load the largest of them. The price is
-    ``scale * max(0, load - 1)``: zero while the stages keep up (the program then reduces only to
-    meet deadlines), and beyond, each queued or arriving request is served on the strategy whose
-    accuracy less price x work is largest, never below its floor. With scale 1 a request at twice
-    the load sheds an input when it costs less than one point of accuracy (0.01) per 10 ms.
-    Pure and clocked by the caller; scale 0 turns it off."""
+    capacities of the moment, `Strategy.stage_seconds`). The offered load of a stage is the rate
+    at which that work arrives: over the arrivals of the last `window_s` seconds, the work of all
+    but the first over the time since the first (at least `min_span_s`), the load the largest of
+    them. Measured over the span the arrivals actually cover, not the nominal window, a burst is
+    seen from its second arrival: averaged over a 10 s window, the first seconds of a burst look
+    like no overload at all, and its first requests are served whole and hold the stages while
+    the rest of it arrives. One arrival alone says nothing about a rate (load 0).
 
-    def __init__(self, scale: float = 1.0, window_s: float = 10.0) -> None:
-        if not scale >= 0 or not window_s > 0:
-            raise ValueError(f"LoadPrice: scale must be >= 0 and window_s > 0, got {scale}, {window_s}")
+    The price is ``scale * max(0, load - 1)``: zero while the stages keep up (the program then
+    reduces only to meet deadlines), and beyond, each queued or arriving request is served on the
+    strategy whose accuracy less price x work is largest, never below its floor. With scale 1 a
+    request at twice the load sheds an input when it costs less than one point of accuracy
+    (0.01) per 10 ms. Pure and clocked by the caller; scale 0 turns it off."""
+
+    def __init__(self, scale: float = 1.0, window_s: float = 10.0, min_span_s: float = 1.0) -> None:
+        if not scale >= 0 or not window_s > 0 or not min_span_s > 0:
+            raise ValueError(f"LoadPrice: scale must be >= 0, window_s and min_span_s > 0, got {scale}, "
+                             f"{window_s}, {min_span_s}")
         self.scale, self.window_s = float(scale), float(window_s)
+        self.min_span_s = min(float(min_span_s), self.window_s)
         self._arrivals: deque[tuple[float, Mapping[str, float]]] = deque()
         self._sums: dict[str, float] = {}  # per stage, the work of `_arrivals` (kept as they come and go)
 
@@ -193,9 +202,13 @@ class LoadPrice:
             self._sums.clear()  # no float residue once the window is empty
 
     def load(self, now: float) -> float:
-        """The offered load: the busiest stage's work arrived in the window, per second."""
+        """The offered load: the busiest stage's work arriving per second."""
         self._trim(now)
-        return max(self._sums.values(), default=0.0) / self.window_s
+        if len(self._arrivals) < 2:
+            return 0.0
+        first_at, first = self._arrivals[0]
+        span = max(now - first_at, self.min_span_s)
+        return max((total - first.get(stage, 0.0) for stage, total in self._sums.items()), default=0.0) / span
 
     def price(self, now: float) -> float:
         """Accuracy per second of work (`reassign`'s price)."""
@@ -204,18 +217,24 @@ class LoadPrice:
 
 class Slowdown:
     """The program's error, closed-loop: each request served adds its actual e2e over the e2e the
-    program predicted when it admitted it; the slowdown is the median of the last `window` of
-    these, within [`low`, `high`] (1.0 until `min_samples` are in). The live selector divides the
-    measured stage capacities by it, so what the model leaves out (transfers between stages, the
-    scheduler's own work, cores shared with other processes, queued requests pushed back by more
-    urgent ones) is charged to the work, and an overloaded system refuses or reduces in time
-    instead of serving late. Pure."""
+    program predicted when it admitted it; the slowdown is the `quantile` (default the median) of
+    the last `window` of these, within [`low`, `high`] (1.0 until `min_samples` are in). The live
+    selector divides the measured stage capacities by it, so what the model leaves out
+    (transfers between stages, the scheduler's own work, cores shared with other processes,
+    queued requests pushed back by more urgent ones) is charged to the work, and an overloaded
+    system refuses or reduces in time instead of serving late.
 
-    def __init__(self, window: int = 32, min_samples: int = 8, low: float = 1.0, high: float = 4.0) -> None:
-        if window < 1 or not 1 <= min_samples <= window or not 0 < low <= high:
-            raise ValueError(f"Slowdown: need window >= min_samples >= 1 and 0 < low <= high, got "
-                             f"{window}, {min_samples}, {low}, {high}")
-        self.min_samples, self.low, self.high = min_samples, float(low), float(high)
+    Requests still in service that are already past their prediction count too (`value_with`):
+    their elapsed over predicted time is a lower bound of their ratio. Counting only the requests
+    that finished would hear first from the fastest ones, and learn that the model is optimistic
+    one e2e too late, after admitting a burst on its word. Pure."""
+
+    def __init__(self, window: int = 128, min_samples: int = 8, low: float = 1.0, high: float = 4.0,
+                 quantile: float = 0.5) -> None:
+        if window < 1 or not 1 <= min_samples <= window or not 0 < low <= high or not 0.0 <= quantile <= 1.0:
+            raise ValueError(f"Slowdown: need window >= min_samples >= 1, 0 < low <= high and quantile in [0, 1], "
+                             f"got {window}, {min_samples}, {low}, {high}, {quantile}")
+        self.min_samples, self.low, self.high, self.quantile = min_samples, float(low), float(high), float(quantile)
         self._ratios: deque[float] = deque(maxlen=window)
 
     def served(self, predicted_s: float, actual_s: float) -> None:
@@ -230,6 +249,13 @@ class Slowdown:
 
     @property
     def value(self) -> float:
-        if len(self._ratios) < self.min_samples:
+        """From the requests served only."""
+        return self.value_with(())
+
+    def value_with(self, overdue: Iterable[float]) -> float:
+        """With `overdue`: the elapsed over predicted time of each request in service past its
+        prediction (each > 1; lower bounds of their ratios)."""
+        ratios = [*self._ratios, *(r for r in overdue if r > 1.0 and math.isfinite(r))]
+        if len(ratios) < self.min_samples:
             return 1.0
-        return min(self.high, max(self.low, statistics.median(self._ratios)))
+        return min(self.high, max(self.low, float(np.quantile(ratios, self.quantile))))
