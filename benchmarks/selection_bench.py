@@ -92,7 +92,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="the scheduler's --selection-price-window-s (seconds of arrivals the offered load is measured over)")
     p.add_argument("--feedback-window", type=int, default=128,
                    help="the scheduler's --selection-feedback-window (served requests the feedback remembers)")
-    p.add_argument("--feedback-quantile", type=float, default=0.75,
+    p.add_argument("--feedback-quantile", type=float, default=0.9,
                    help="the scheduler's --selection-feedback-quantile (the quantile of actual over predicted e2e the "
                         "capacities are divided by)")
     p.add_argument("--repeats", type=int, default=1,

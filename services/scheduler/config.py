@@ -186,7 +186,7 @@ class SchedulerConfig:
     selection_feedback_window: int = field(default=128, metadata={
         "help": "how many served requests the feedback remembers: longer than a burst, so what the last burst "
                 "taught is not forgotten in the quiet after it (a short memory swings between bursts)"})
-    selection_feedback_quantile: float = field(default=0.75, metadata={
+    selection_feedback_quantile: float = field(default=0.9, metadata={
         "help": "which quantile of those ratios the capacities are divided by (0.5: the median; higher: a margin "
                 "for the model's spread, refusing or reducing more so that fewer admitted requests finish late)"})
     api_keys: str = field(default="", metadata={

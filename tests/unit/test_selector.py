@@ -44,7 +44,7 @@ def test_the_scheduler_config_builds_the_feedback_it_names(tiny_models, capsys):
         return config_from_cli(SchedulerConfig, env_prefix="PRISM_SCHEDULER", argv=[*argv, *extra], environ={})
 
     slow = config().selection_slowdown()
-    assert (slow.quantile, slow._ratios.maxlen) == (0.75, 128)  # the defaults: a margin, a memory across bursts
+    assert (slow.quantile, slow._ratios.maxlen) == (0.9, 128)  # the defaults: a margin, a memory across bursts
     assert config("--selection-feedback-quantile", "0.5").selection_slowdown().quantile == 0.5
     assert config("--no-selection-feedback").selection_slowdown() is None
     with pytest.raises(SystemExit) as exc:
