@@ -63,6 +63,16 @@ ACCURACY = {"full": 1.0, "drop_images:1": 0.95, "drop_images:2": 0.9, "drop_imag
 FLOORS = (0.6, 0.75, 0.85)  # callers' accuracy floors, drawn per request (seeded)
 MOSEL_GOODPUT_X = 3.6
 MODES = ("admission_only", "selection_off", "selection_on")
+#: Options passed to the scheduler as ``--selection-NAME`` (NAME: type, default, what it sets).
+SCHEDULER_FLAGS = {
+    "parallelism": (float, 0.0, "cores the stage processes share (the program counts work in the workers' CPU "
+                                "seconds and shares these cores itself; 0: each stage its own, at the wall-clock "
+                                "rates measured under whatever contention there was)"),
+    "price": (float, 1.0, "accuracy per second of work per unit of overload (0: reduce only to meet deadlines)"),
+    "price-window-s": (float, 10.0, "seconds of arrivals the offered load is measured over"),
+    "feedback-window": (int, 128, "served requests the feedback remembers"),
+    "feedback-quantile": (float, 0.9, "the quantile of actual over predicted e2e the capacities are divided by"),
+}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -81,20 +91,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--serial-model", action="store_true",
                    help="the selection program's serial model (every stage of every request in series) "
                         "instead of overlapping stages")
-    p.add_argument("--parallelism", type=float, default=0.0,
-                   help="cores the stage processes share (the scheduler's --selection-parallelism: the program "
-                        "counts work in the workers' CPU seconds and shares these cores itself; 0: each stage its "
-                        "own, at the wall-clock rates measured under whatever contention there was)")
-    p.add_argument("--price", type=float, default=1.0,
-                   help="the scheduler's --selection-price (accuracy per second of work per unit of overload; 0: "
-                        "reduce only to meet deadlines)")
-    p.add_argument("--price-window-s", type=float, default=10.0,
-                   help="the scheduler's --selection-price-window-s (seconds of arrivals the offered load is measured over)")
-    p.add_argument("--feedback-window", type=int, default=128,
-                   help="the scheduler's --selection-feedback-window (served requests the feedback remembers)")
-    p.add_argument("--feedback-quantile", type=float, default=0.9,
-                   help="the scheduler's --selection-feedback-quantile (the quantile of actual over predicted e2e the "
-                        "capacities are divided by)")
+    for flag, (kind, default, text) in SCHEDULER_FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, default=default, help=f"the scheduler's --selection-{flag}: {text}")
     p.add_argument("--repeats", type=int, default=1,
                    help="replays of the sequence per load on each deployment (pooled; each also reported), "
                         "--pause-s apart")
@@ -158,11 +156,9 @@ def make_profile(args) -> tuple[Path, dict]:
 def deployment(args, name: str, profile: Path | None):
     from prism.launch import Deployment, DeploymentOptions
 
-    sched = [] if profile is None else ["--selection-profile", str(profile), "--selection-parallelism",
-                                        f"{args.parallelism:g}", "--selection-price", f"{args.price:g}",
-                                        "--selection-price-window-s", f"{args.price_window_s:g}",
-                                        "--selection-feedback-window", str(args.feedback_window),
-                                        "--selection-feedback-quantile", f"{args.feedback_quantile:g}"] + (
+    sched = [] if profile is None else ["--selection-profile", str(profile)] + [
+        arg for flag in SCHEDULER_FLAGS
+        for arg in (f"--selection-{flag}", f"{getattr(args, flag.replace('-', '_')):g}")] + (
         ["--no-selection-overlap"] if args.serial_model else [])
     options = DeploymentOptions(model_dir=args.model_dir, layout=args.layout, placement=args.layout,
                                 threads=args.threads, slots=16, max_len=2048, log_dir=args.work_dir / "logs" / name,

@@ -98,10 +98,10 @@ class EncoderWorker:
             return
         compute_ms, cpu_ms = compute_s * 1000, cpu_s * 1000
         items_total = sum(len(items) for _, items in batch)
-        tokens_total = sum(m.num_tokens for _, items in batch for m in items)
+        task_tokens = [sum(m.num_tokens for m in items) for _, items in batch]
+        tokens_total = sum(task_tokens)
         ended = time.time()
-        for (item, items), mine in zip(batch, per_request):
-            tokens = sum(m.num_tokens for m in items)
+        for (item, items), mine, tokens in zip(batch, per_request, task_tokens):
             record_task("encode", item, wall, ended, {
                 "prism.batch_size": len(batch), "prism.media_items": len(items),
                 "prism.image_count": sum(1 for m in items if m.modality == "image"),
