@@ -48,6 +48,7 @@ import random
 import statistics
 import sys
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -201,11 +202,11 @@ async def replay(address: str, seq: list, prompts: Prompts, idle: dict[int, floa
             reduce = Reduce(accuracy_floor=floor, drop_images=True, min_images=0,
                             drop_modalities=("image",)) if req.num_images else None
             r = await send(client, bodies[k], req.generated_tokens, deadline_ms=deadline_ms, reduce=reduce,
-                           timeout=args.request_timeout)
+                           timeout=args.request_timeout, request_id=f"i{k}-{uuid.uuid4().hex[:8]}")
             red = r.pop("reductions")
             strategy = red.strategy if red is not None else "full"
             accuracy = ACCURACY["full"] if strategy == "full" else (red.expected_accuracy if red else 0.0)
-            r.update(index=k, images=req.num_images, floor=floor, deadline_ms=deadline_ms, strategy=strategy,
+            r.update(index=k, arrival_s=round(req.arrival_s, 3), images=req.num_images, floor=floor, deadline_ms=deadline_ms, strategy=strategy,
                      accuracy=accuracy, new_tokens=req.generated_tokens)
             results.append(r)
 

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from prism.engine.batching import MAX_PADDING
 from prism.bench.stats import RequestRecord
 from prism.sim.events import Clock
 from prism.sim.profile import SimProfile
@@ -88,6 +89,8 @@ class InstanceSpec:
     """Decode slots."""
     encode_batch_tokens: int = 4096
     prefill_batch_tokens: int = 2048
+    prefill_max_padding: float = MAX_PADDING
+    """Padding a prefill batch may carry, a fraction of its real tokens (`take_batch`)."""
     capacity: Mapping[str, float] = field(default_factory=dict)
     """Advertised tokens/s per stage (``--capacity``); missing stages are profiled online."""
 
@@ -98,8 +101,8 @@ class InstanceSpec:
         object.__setattr__(self, "stages", stages)
         if self.count < 0 or self.tp < 1 or self.slots < 1:
             raise ValueError("count must be >= 0, tp and slots >= 1")
-        if self.encode_batch_tokens < 1 or self.prefill_batch_tokens < 1:
-            raise ValueError("batch token budgets must be >= 1")
+        if self.encode_batch_tokens < 1 or self.prefill_batch_tokens < 1 or not self.prefill_max_padding >= 0:
+            raise ValueError("batch token budgets must be >= 1 and prefill_max_padding >= 0")
         object.__setattr__(self, "capacity", MappingProxyType(dict(self.capacity)))
 
 
@@ -196,7 +199,8 @@ class _Inst:
                                                    max_batch_tokens=spec.encode_batch_tokens)
             elif stage == "prefill":
                 self.workers[stage] = PrefillWorker(name, clock, self.device, p, sim, spec.tp,
-                                                    max_batch_tokens=spec.prefill_batch_tokens)
+                                                    max_batch_tokens=spec.prefill_batch_tokens,
+                                                    max_padding=spec.prefill_max_padding)
             else:
                 self.workers[stage] = DecodeWorker(name, clock, self.device, p, sim, spec.tp, slots=spec.slots)
             if sim.config.shared_queues:

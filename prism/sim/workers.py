@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from prism.engine.batching import take_batch
+from prism.engine.batching import MAX_PADDING, take_batch
 from prism.sim.events import Clock
 from prism.sim.profile import SimProfile
 from services.scheduler.core.admission import order_key
@@ -217,13 +217,15 @@ class _Base:
     def kick(self) -> None:
         raise NotImplementedError
 
-    def _take(self, budget: int, padded: bool, tokens: Callable[[Task], int]) -> list[Task]:
-        """The first queued task, then queued ones while the batch stays in `budget`."""
+    def _take(self, budget: int, padded: bool, tokens: Callable[[Task], int],
+              max_padding: float | None = None) -> list[Task]:
+        """The first queued task, then queued ones while the batch stays in `budget` (and, padded,
+        its padding within `max_padding`: `take_batch`)."""
         batch = [self.queue.pop()]
         while len(self.queue):
             nxt = self.queue.peek()
             pending = [(k, tokens(t)) for k, t in enumerate([*batch, nxt])]
-            if len(take_batch(pending, budget, len(pending), padded=padded)) < len(pending):
+            if len(take_batch(pending, budget, len(pending), padded=padded, max_padding=max_padding)) < len(pending):
                 break
             batch.append(self.queue.pop())
         self.batch_sizes.append(len(batch))
@@ -258,12 +260,13 @@ class EncodeWorker(_Base):
 @dataclass(eq=False)
 class PrefillWorker(_Base):
     max_batch_tokens: int = 2048
+    max_padding: float | None = MAX_PADDING
 
     def kick(self) -> None:
         if self.busy or self.stopped or not len(self.queue):
             return
         self.busy = True
-        batch = self._take(self.max_batch_tokens, True, lambda t: t.prompt_tokens)
+        batch = self._take(self.max_batch_tokens, True, lambda t: t.prompt_tokens, self.max_padding)
         # pull each request's embeddings (in parallel) from an encoder elsewhere, then RUNNING
         per = self.profile.overhead_s("embed_per_token")
         fetch = max((t.media_tokens * per for t in batch if t.source and t.source != self.name), default=0.0)

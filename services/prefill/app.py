@@ -19,7 +19,7 @@ async def build(config: PrefillConfig, host: HostContext) -> StageApp:
     channels = Channels(config.server)
     worker = PrefillWorker(queue, engine, host.compute, channels, held_ttl_s=config.held_ttl_s,
                            name=host.instance, fetch_timeout_s=config.upstream_timeout_s, peers=host.peers,
-                           max_batch_tokens=config.max_batch_tokens)
+                           max_batch_tokens=config.max_batch_tokens, max_padding=config.max_padding)
     servicer = PrefillServicer(queue, worker, chunk_bytes=config.chunk_bytes, fetch_wait_s=config.fetch_wait_s)
 
     async def on_stop() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from prism.engine.batching import MAX_PADDING
 from prism.models.loading import ModelOptions
 from prism.runtime.backend import QueueOptions
 from prism.runtime.config import check
@@ -24,11 +25,14 @@ class PrefillConfig:
     upstream_timeout_s: float = field(default=120.0, metadata={"help": "seconds allowed to pull a request's embeddings"})
     chunk_bytes: int = field(default=1 << 20, metadata={"help": "bytes per streamed KV chunk"})
     max_batch_tokens: int = field(default=2048, metadata={"help": "padded prompt tokens per prefill batch across requests"})
+    max_padding: float = field(default=MAX_PADDING, metadata={
+        "help": "padding a prefill batch may carry, as a fraction of its real prompt tokens: a request joins a batch only while the padding stays within it (prompts of very different lengths run one after the other; every request of a batch waits for its longest)"})
 
     def __post_init__(self) -> None:
         check(self.capacity >= 0, "capacity", "must be >= 0")
         check(self.queue_depth >= 1, "queue_depth", "must be >= 1")
         check(self.max_batch_tokens >= 1, "max_batch_tokens", "must be >= 1")
+        check(self.max_padding >= 0, "max_padding", "must be >= 0")
         check(self.held_ttl_s > 0, "held_ttl_s", "must be > 0")
         check(self.fetch_wait_s > 0, "fetch_wait_s", "must be > 0")
         check(self.upstream_timeout_s > 0, "upstream_timeout_s", "must be > 0")

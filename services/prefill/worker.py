@@ -14,6 +14,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from prism.engine.batching import MAX_PADDING
 from prism.engine.prefill import PrefillEngine, PromptPlan, take_batch
 from prism.engine.sampling import Sampling
 from prism.models.base import MediaItem
@@ -62,7 +63,8 @@ class _Job:
 class PrefillWorker:
     def __init__(self, queue: WorkQueue, engine: PrefillEngine, compute: ComputeThread,
                  channel_for: Callable[[str], grpc.aio.Channel], *, held_ttl_s: float, name: str,
-                 fetch_timeout_s: float, peers: LocalPeers | None = None, max_batch_tokens: int = 2048):
+                 fetch_timeout_s: float, peers: LocalPeers | None = None, max_batch_tokens: int = 2048,
+                 max_padding: float | None = MAX_PADDING):
         self.queue, self.engine, self.compute = queue, engine, compute
         self.channel_for = channel_for
         self.held: HeldOutputs[KvOutbox] = HeldOutputs(held_ttl_s)
@@ -70,6 +72,7 @@ class PrefillWorker:
         self.fetch_timeout_s = fetch_timeout_s
         self.peers = peers or LocalPeers()
         self.max_batch_tokens = max_batch_tokens
+        self.max_padding = max_padding  # padding a batch may carry, a fraction of its real tokens
         self._carry: _Job | None = None
         #: Batch bound from the tasks' remaining budgets (dynamic SLOs), learnt from our batches.
         self.budget = BatchBudget()
@@ -77,7 +80,8 @@ class PrefillWorker:
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
 
     async def run(self) -> None:
-        """Serve the queue until it is closed: batches of tasks up to the padded token budget."""
+        """Serve the queue until it is closed: batches of tasks up to the padded token budget, with
+        padding within `max_padding` of their real tokens."""
         while (batch := await self._next_batch()) is not None:
             await self._process(batch)
             for rid in self.held.expire():
@@ -114,7 +118,7 @@ class PrefillWorker:
             if job is None:
                 continue
             pending = [(k, len(j.req.input_ids)) for k, j in enumerate([*batch, job])]
-            if len(take_batch(pending, self.max_batch_tokens, len(pending))) < len(pending) or (
+            if len(take_batch(pending, self.max_batch_tokens, len(pending), max_padding=self.max_padding)) < len(pending) or (
                     batch and self._over_budget([*batch, job])):
                 self._carry = job
                 return batch

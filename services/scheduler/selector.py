@@ -307,6 +307,8 @@ class Selector:
                                          flow=self.flow, price=self._price(now, new, capacity))
             if not decision.ok:
                 self.stats.refused += 1
+                log.debug("request %s refused at slowdown %.2f, %d in service: %s", adm.request_id, self._slow,
+                          len(jobs), decision.message)
                 rates = ", ".join(f"{s} {capacity[s]:.0f}" for s in ("encode", "prefill", "decode") if s in capacity)
                 raise StageError(getattr(grpc.StatusCode, decision.code),
                                  f"slo.deadline_ms: {decision.message} (selection.accuracy_floor "
@@ -323,6 +325,8 @@ class Selector:
             # What the model itself predicts (its times scale with the slowdown it was given)
             left_s = (decision.assignment.finish[adm.request_id] - now) / self._slow
             self._predicted[adm.request_id] = (adm.arrival, now - adm.arrival + left_s)
+            log.debug("request %s admitted as %s: predicted %.3f s at slowdown %.2f, %d in service",
+                      adm.request_id, decision.strategy, now - adm.arrival + left_s, self._slow, len(jobs))
             if decision.strategy != FULL or decision.changed:
                 self.stats.fitted += 1
             return self._accept(candidate, entry)

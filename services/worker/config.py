@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from prism.engine.batching import MAX_PADDING
 from prism.models.loading import ModelOptions
 from prism.runtime.backend import QueueOptions
 from prism.runtime.config import check
@@ -27,6 +28,7 @@ class WorkerConfig:
     max_len: int = field(default=2048, metadata={"help": "decode: tokens per slot, prompt plus generated"})
     encode_batch_tokens: int = field(default=4096, metadata={"help": "encode: media tokens per tower batch across requests"})
     prefill_batch_tokens: int = field(default=2048, metadata={"help": "prefill: padded prompt tokens per batch across requests"})
+    prefill_max_padding: float = field(default=MAX_PADDING, metadata={"help": "prefill: padding a batch may carry, a fraction of its real prompt tokens"})
     queue_depth: int = field(default=256, metadata={"help": "tasks that may wait in each stage queue of this worker"})
     held_ttl_s: float = field(default=120.0, metadata={"help": "seconds held embeddings and KV wait for the next stage"})
     fetch_wait_s: float = field(default=60.0, metadata={"help": "seconds a fetch waits for an output to be ready"})
@@ -59,7 +61,8 @@ class WorkerConfig:
                 made[name] = PrefillConfig(**common, capacity=capacity[name], held_ttl_s=self.held_ttl_s,
                                            fetch_wait_s=self.fetch_wait_s,
                                            upstream_timeout_s=self.upstream_timeout_s, chunk_bytes=self.chunk_bytes,
-                                           max_batch_tokens=self.prefill_batch_tokens)
+                                           max_batch_tokens=self.prefill_batch_tokens,
+                                           max_padding=self.prefill_max_padding)
             else:
                 made[name] = DecodeConfig(**common, capacity=capacity[name], slots=self.slots, max_len=self.max_len,
                                           upstream_timeout_s=self.upstream_timeout_s)

@@ -137,9 +137,27 @@ def test_take_batch_padded_budget():
     assert take_batch([("big", 500), ("x", 1)], 100, 4) == ["big"]
     assert take_batch([(7, 3), (8, 3), (9, 3)], 9, 4) == [7, 8, 9]
     assert take_batch([], 100, 4) == []
-    assert PrefillBatcher(token_budget=100, max_batch=8).take(pending) == ["a", "b", "c"]
+    assert PrefillBatcher(token_budget=100, max_batch=8, max_padding=None).take(pending) == ["a", "b", "c"]
     with pytest.raises(ValueError):
         take_batch(pending, 100, 0)
+
+
+def test_take_batch_bounds_padding_to_a_fraction_of_the_real_tokens():
+    # a text-only prompt (64) and one with an image (330): padded 660 for 394 real tokens (68%)
+    assert take_batch([("text", 64), ("image", 330)], 2048, 8, max_padding=0.25) == ["text"]
+    assert take_batch([("text", 64), ("image", 330)], 2048, 8) == ["text", "image"]  # no bound
+    # prompts of similar length share a pass: 330 x 3 = 990 for 960 real (3%)
+    similar = [("a", 330), ("b", 310), ("c", 320), ("short", 64)]
+    assert take_batch(similar, 2048, 8, max_padding=0.25) == ["a", "b", "c"]
+    # exactly at the bound joins: 100 x 2 = 200 for 160 real is 25%
+    assert take_batch([("x", 100), ("y", 60)], 2048, 8, max_padding=0.25) == ["x", "y"]
+    assert take_batch([("x", 100), ("y", 59)], 2048, 8, max_padding=0.25) == ["x"]
+    # the encoder's concatenated media has no padding: the bound does not apply
+    assert take_batch([("text", 64), ("image", 330)], 2048, 8, padded=False, max_padding=0.0) == ["text", "image"]
+    # the prefill batcher bounds padding by default; never skips ahead past the one that stops it
+    assert PrefillBatcher(token_budget=2048, max_batch=8).take(similar + [("d", 330)]) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="max_padding"):
+        take_batch(similar, 2048, 8, max_padding=-0.1)
 
 
 def test_take_media_batch_sums_media_tokens():
