@@ -9,6 +9,7 @@ import torch
 from prism.engine.decode import DecodeEngine, DecodeSpec
 from prism.engine.encoder import take_media_batch
 from prism.engine.kv import KEY, VALUE
+from prism.engine.batching import MAX_PADDING
 from prism.engine.prefill import PrefillBatcher, take_batch
 from prism.engine.sampling import Sampling
 from prism.models.base import AUDIO, IMAGE
@@ -168,3 +169,19 @@ def test_take_media_batch_sums_media_tokens():
     assert take_media_batch(pending, 10_000, 3) == ["a", "t", "b"]
     assert take_media_batch([("huge", 4096), ("a", 1)], 256, 8) == ["huge"]
     assert take_batch(pending, 200, 8, padded=False) == take_media_batch(pending, 200, 8)
+
+
+def test_prefill_configs_take_the_padding_bound_and_refuse_a_negative_one(tmp_path):
+    from prism.models.loading import ModelOptions
+    from prism.runtime.config import ConfigError
+    from services.prefill.config import PrefillConfig
+    from services.worker.config import WorkerConfig
+
+    (tmp_path / "config.json").write_text("{}")
+    model = ModelOptions(model_dir=tmp_path)
+    assert PrefillConfig(model=model).max_padding == MAX_PADDING
+    assert WorkerConfig(model=model, prefill_max_padding=0.5).stage_configs()["prefill"].max_padding == 0.5
+    with pytest.raises(ConfigError, match="max_padding"):
+        PrefillConfig(model=model, max_padding=-0.5)
+    with pytest.raises(ConfigError, match="max_padding"):
+        WorkerConfig(model=model, prefill_max_padding=-1.0)
