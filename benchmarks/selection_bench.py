@@ -89,6 +89,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--loads", type=str, default="2,4")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
     p.add_argument("--layout", choices=("colocated", "split"), default="split")
+    p.add_argument("--encode-batch-tokens", type=int, default=0,
+                   help="the encoder's --max-batch-tokens (colocated: --encode-batch-tokens), both modes; "
+                        "0: its default (on CPU the tower gains nothing from batching requests: 1 encodes "
+                        "each request on its own, so the most urgent finishes first)")
     p.add_argument("--serial-model", action="store_true",
                    help="the selection program's serial model (every stage of every request in series) "
                         "instead of overlapping stages")
@@ -109,8 +113,8 @@ def parse(argv=None) -> argparse.Namespace:
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if set(args.modes).difference(MODES) or not {"selection_off", "selection_on"} <= set(args.modes):
         p.error(f"--modes: from {', '.join(MODES)}, with selection_off and selection_on")
-    if args.repeats < 1 or not 0.0 <= args.feedback_quantile <= 1.0:
-        p.error("--repeats must be >= 1 and --feedback-quantile in [0, 1]")
+    if args.repeats < 1 or not 0.0 <= args.feedback_quantile <= 1.0 or args.encode_batch_tokens < 0:
+        p.error("--repeats must be >= 1, --feedback-quantile in [0, 1] and --encode-batch-tokens >= 0")
     return args
 
 
@@ -163,8 +167,17 @@ def deployment(args, name: str, profile: Path | None):
         ["--no-selection-overlap"] if args.serial_model else [])
     options = DeploymentOptions(model_dir=args.model_dir, layout=args.layout, placement=args.layout,
                                 threads=args.threads, slots=16, max_len=2048, log_dir=args.work_dir / "logs" / name,
-                                extra_args={"scheduler": sched})
+                                extra_args={"scheduler": sched, **encoder_args(args)})
     return Deployment(options)
+
+
+def encoder_args(args) -> dict[str, list[str]]:
+    """The encoder's batch budget, where the bench sets one."""
+    if not args.encode_batch_tokens:
+        return {}
+    if args.layout == "split":
+        return {"encode": ["--max-batch-tokens", str(args.encode_batch_tokens)]}
+    return {"worker": ["--encode-batch-tokens", str(args.encode_batch_tokens)]}
 
 
 async def calibrate(address: str, prompts: Prompts, args) -> dict[int, float]:
@@ -206,7 +219,8 @@ async def replay(address: str, seq: list, prompts: Prompts, idle: dict[int, floa
             red = r.pop("reductions")
             strategy = red.strategy if red is not None else "full"
             accuracy = ACCURACY["full"] if strategy == "full" else (red.expected_accuracy if red else 0.0)
-            r.update(index=k, arrival_s=round(req.arrival_s, 3), images=req.num_images, floor=floor, deadline_ms=deadline_ms, strategy=strategy,
+            r.update(index=k, arrival_s=round(req.arrival_s, 3), images=req.num_images, floor=floor,
+                     deadline_ms=deadline_ms, strategy=strategy,
                      accuracy=accuracy, new_tokens=req.generated_tokens)
             results.append(r)
 
@@ -285,8 +299,8 @@ def run_mode(args, name: str, profile: Path | None, seq: list, prompts: Prompts,
                                       for results, _ in runs]
             summary["per_request"] = [
                 {"repeat": rep, **{k: (rnd(v, 1) if isinstance(v, float) else v) for k, v in r.items()
-                                   if k in ("index", "images", "floor", "deadline_ms", "code", "e2e_ms", "strategy",
-                                            "accuracy") or (k == "message" and r["code"] != "OK")}}
+                                   if k in ("index", "arrival_s", "images", "floor", "deadline_ms", "code", "e2e_ms",
+                                            "strategy", "accuracy") or (k == "message" and r["code"] != "OK")}}
                 for rep, (results, _) in enumerate(runs) for r in results]
             out[f"{load:g}x"] = summary
         sel = dep.status().selection
@@ -314,6 +328,7 @@ def main(argv=None) -> None:
     report = {
         "benchmark": "deadline-driven modality selection (issue 4)",
         "model": "llava small (fp32)", "layout": args.layout, "threads_per_worker": args.threads,
+        "encode_batch_tokens": args.encode_batch_tokens or "default",
         "selection_model": "serial" if args.serial_model else f"stage queues, parallelism {args.parallelism or 'unbounded'}",
         "selection_price": args.price, "price_window_s": args.price_window_s,
         "feedback_window": args.feedback_window, "feedback_quantile": args.feedback_quantile, "repeats": args.repeats,
