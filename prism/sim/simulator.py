@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from prism.engine.batching import MAX_PADDING
 from prism.bench.stats import RequestRecord
+from prism.engine.batching import MAX_PADDING
 from prism.sim.events import Clock
 from prism.sim.profile import SimProfile
 from prism.sim.selection import FULL, Choice, Inputs, Refused, SelectionConfig, SimReduce, SimSelector

@@ -225,7 +225,8 @@ class _Base:
         while len(self.queue):
             nxt = self.queue.peek()
             pending = [(k, tokens(t)) for k, t in enumerate([*batch, nxt])]
-            if len(take_batch(pending, budget, len(pending), padded=padded, max_padding=max_padding)) < len(pending):
+            if len(take_batch(pending, budget, len(pending), padded=padded,
+                              max_padding=max_padding)) < len(pending):
                 break
             batch.append(self.queue.pop())
         self.batch_sizes.append(len(batch))
