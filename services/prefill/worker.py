@@ -118,8 +118,8 @@ class PrefillWorker:
             if job is None:
                 continue
             pending = [(k, len(j.req.input_ids)) for k, j in enumerate([*batch, job])]
-            if len(take_batch(pending, self.max_batch_tokens, len(pending), max_padding=self.max_padding)) < len(pending) or (
-                    batch and self._over_budget([*batch, job])):
+            fits = len(take_batch(pending, self.max_batch_tokens, len(pending), max_padding=self.max_padding))
+            if fits < len(pending) or (batch and self._over_budget([*batch, job])):
                 self._carry = job
                 return batch
             batch.append(job)

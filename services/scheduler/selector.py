@@ -323,10 +323,10 @@ class Selector:
                 return self._accept(await self._own_reductions(adm, entry, exc), entry)
             await self._apply({rid: decision.assignment.choice[rid] for rid in decision.changed})
             # What the model itself predicts (its times scale with the slowdown it was given)
-            left_s = (decision.assignment.finish[adm.request_id] - now) / self._slow
-            self._predicted[adm.request_id] = (adm.arrival, now - adm.arrival + left_s)
+            predicted_s = now - adm.arrival + (decision.assignment.finish[adm.request_id] - now) / self._slow
+            self._predicted[adm.request_id] = (adm.arrival, predicted_s)
             log.debug("request %s admitted as %s: predicted %.3f s at slowdown %.2f, %d in service",
-                      adm.request_id, decision.strategy, now - adm.arrival + left_s, self._slow, len(jobs))
+                      adm.request_id, decision.strategy, predicted_s, self._slow, len(jobs))
             if decision.strategy != FULL or decision.changed:
                 self.stats.fitted += 1
             return self._accept(candidate, entry)
