@@ -15,11 +15,16 @@ local redis-server):
    `FLOORS`; text-only requests have nothing to reduce.
 3. Calibration on the idle deployment (selection off): the e2e latency of a request with k
    images, k = 0..max, one at a time. Each request's deadline is `--deadline-x` times the idle
-   latency of its image count. The sustainable load is one request per mean idle latency of the
-   sequence (the box serves one request at a time at that rate; batching lets it do somewhat
-   more, so "2x" overloads it somewhat less than twice).
+   latency of its image count. The sustainable load (`--sustainable`):
+   * `capacity` (the default): the throughput the system sustains on this request mix, measured:
+     the sequence sent closed loop with `--capacity-concurrency` requests in flight (no
+     deadline, selection off), requests completed over the time from the first sent to the last
+     finished (several concurrencies: the best). The stages overlap on the cores they share and
+     batch, so this is what the deployment can serve; on this box it is about 1.5x `idle`.
+   * `idle`: one request per mean idle latency of the sequence (one request at a time; an
+     underestimate: "4x" of it overloads the system about 2.6 times).
 4. For each load L in `--loads`, the sequence's arrival times are scaled so its mean rate is L x
-   sustainable, and it is replayed open loop (each request at its time) against three fresh
+   the sustainable load, and it is replayed open loop (each request at its time) against three fresh
    deployments of the same system: `admission_only` (no profile: admission's per-stage estimate
    decides deadlines), `selection_off` (the profile with no reduction in it: the selection's
    program decides deadlines, every request served as sent) and `selection_on` (the profile with
@@ -86,7 +91,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--max-context", type=int, default=96, help="text tokens per request, at most")
     p.add_argument("--deadline-x", type=float, default=4.0)
-    p.add_argument("--loads", type=str, default="2,4")
+    p.add_argument("--loads", type=str, default="2,4", help="multiples of the sustainable load")
+    p.add_argument("--sustainable", choices=("capacity", "idle"), default="capacity",
+                   help="the sustainable load: the throughput measured closed loop (capacity) or one request "
+                        "per mean idle latency (idle)")
+    p.add_argument("--capacity-concurrency", type=str, default="4",
+                   help="requests in flight while the capacity is measured (comma-separated: each measured, "
+                        "the best taken)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
     p.add_argument("--layout", choices=("colocated", "split"), default="split")
     p.add_argument("--encode-batch-tokens", type=int, default=0,
@@ -115,6 +126,12 @@ def parse(argv=None) -> argparse.Namespace:
         p.error(f"--modes: from {', '.join(MODES)}, with selection_off and selection_on")
     if args.repeats < 1 or not 0.0 <= args.feedback_quantile <= 1.0 or args.encode_batch_tokens < 0:
         p.error("--repeats must be >= 1, --feedback-quantile in [0, 1] and --encode-batch-tokens >= 0")
+    try:
+        args.capacity_concurrency = [int(c) for c in args.capacity_concurrency.split(",")]
+    except ValueError:
+        p.error("--capacity-concurrency: comma-separated integers")
+    if not args.capacity_concurrency or min(args.capacity_concurrency) < 1:
+        p.error("--capacity-concurrency: each >= 1")
     return args
 
 
@@ -199,6 +216,46 @@ async def calibrate(address: str, prompts: Prompts, args) -> dict[int, float]:
     return out
 
 
+async def closed_loop(address: str, seq: list, prompts: Prompts, concurrency: int, args) -> dict:
+    """The sequence sent with `concurrency` requests in flight (no deadline, nothing reduced):
+    requests completed per second from the first sent to the last finished."""
+    from prism.client import AsyncPrismClient
+
+    bodies = [prompts.messages(k, r.context_tokens, r.num_images) for k, (r, _) in enumerate(seq)]
+    results: list[dict] = []
+    pending = iter(range(len(seq)))
+    async with AsyncPrismClient(address) as client:
+        async def sender() -> None:
+            for k in pending:  # one shared iterator: each request is sent once
+                results.append(await send(client, bodies[k], seq[k][0].generated_tokens,
+                                          timeout=args.request_timeout, request_id=f"c{k}-{uuid.uuid4().hex[:8]}"))
+
+        await asyncio.gather(*(sender() for _ in range(concurrency)))
+    done = [r for r in results if r["code"] == "OK" and r["tokens"] == args.new_tokens]
+    if len(done) < len(results):
+        bad = next(r for r in results if r not in done)
+        raise RuntimeError(f"capacity run: {len(results) - len(done)} requests failed ({bad['code']} {bad['message']})")
+    span_s = max(r["end"] for r in done) - min(r["sent"] for r in results)
+    return {"concurrency": concurrency, "completed": len(done), "span_s": round(span_s, 2),
+            "rate_per_s": round(len(done) / span_s, 4)}
+
+
+def sustainable_rate(address: str, seq: list, prompts: Prompts, idle: dict[int, float], args) -> dict:
+    """The sustainable load (`--sustainable`), with how it was found."""
+    mean_s = statistics.fmean(idle[r.num_images] for r, _ in seq)
+    out = {"definition": args.sustainable, "idle_rate_per_s": round(1 / mean_s, 4)}
+    if args.sustainable == "idle":
+        return {**out, "rate_per_s": 1 / mean_s}
+    runs = []
+    for concurrency in args.capacity_concurrency:
+        GATE.wait()
+        runs.append(asyncio.run(closed_loop(address, seq, prompts, concurrency, args)))
+        say(f"capacity: {concurrency} in flight, {runs[-1]['completed']} requests in {runs[-1]['span_s']} s, "
+            f"{runs[-1]['rate_per_s']} req/s ({runs[-1]['rate_per_s'] * mean_s:.2f}x one at a time)")
+    best = max(r["rate_per_s"] for r in runs)
+    return {**out, "rate_per_s": best, "capacity_over_idle": round(best * mean_s, 3), "capacity_runs": runs}
+
+
 async def replay(address: str, seq: list, prompts: Prompts, idle: dict[int, float], args) -> list[dict]:
     from prism.client import AsyncPrismClient, Reduce
 
@@ -264,17 +321,20 @@ def scaled(seq: list, rate: float) -> tuple[list, float]:
     return [(replace(r, arrival_s=r.arrival_s * factor), f) for r, f in seq], span * factor
 
 
-def run_mode(args, name: str, profile: Path | None, seq: list, prompts: Prompts, idle: dict | None,
+def run_mode(args, name: str, profile: Path | None, seq: list, prompts: Prompts, base: dict | None,
              loads: list[float]) -> tuple[dict, dict]:
+    """One deployment's replays at each load; `base` (the idle calibration and the sustainable
+    load) is measured on the first deployment and passed to the others."""
     say(f"{name}: starting")
     out: dict = {}
     with deployment(args, name, profile) as dep:
         asyncio.run(warm_up(dep.address, prompts, args.new_tokens))
-        if idle is None:
+        if base is None:
             idle = asyncio.run(calibrate(dep.address, prompts, args))
-        mean_s = statistics.fmean(idle[r.num_images] for r, _ in seq)
+            base = {"idle": idle, "sustainable": sustainable_rate(dep.address, seq, prompts, idle, args)}
+        idle = base["idle"]
         for load in loads:
-            rate = load / mean_s
+            rate = load * base["sustainable"]["rate_per_s"]
             timed, trace_s = scaled(seq, rate)
             runs = []
             for rep in range(args.repeats):
@@ -309,7 +369,7 @@ def run_mode(args, name: str, profile: Path | None, seq: list, prompts: Prompts,
                            "fitted": sel.fitted, "refused": sel.refused, "reassigned": sel.reassigned,
                            "lost_races": sel.lost_races, "last_load_price": rnd(sel.load_price, 3),
                            "last_offered_load": rnd(sel.offered_load, 3)}
-    return out, idle
+    return out, base
 
 
 def main(argv=None) -> None:
@@ -320,11 +380,11 @@ def main(argv=None) -> None:
     seq, meta = sequence(args)
     prompts = Prompts(args.model_dir, args.seed)
     profile, profile_meta = make_profile(args)
-    admission, idle = run_mode(args, "admission_only", None, seq, prompts, None, loads) \
+    admission, base = run_mode(args, "admission_only", None, seq, prompts, None, loads) \
         if "admission_only" in args.modes else (None, None)
-    off, idle = run_mode(args, "selection_off", profile / "profile-full-only.json", seq, prompts, idle, loads)
-    on, _ = run_mode(args, "selection_on", profile / "profile.json", seq, prompts, idle, loads)
-    mean_s = statistics.fmean(idle[r.num_images] for r, _ in seq)
+    off, base = run_mode(args, "selection_off", profile / "profile-full-only.json", seq, prompts, base, loads)
+    on, _ = run_mode(args, "selection_on", profile / "profile.json", seq, prompts, base, loads)
+    idle = base["idle"]
     report = {
         "benchmark": "deadline-driven modality selection (issue 4)",
         "model": "llava small (fp32)", "layout": args.layout, "threads_per_worker": args.threads,
@@ -334,7 +394,9 @@ def main(argv=None) -> None:
         "feedback_window": args.feedback_window, "feedback_quantile": args.feedback_quantile, "repeats": args.repeats,
         "sequence": meta, "profile": profile_meta,
         "calibration": {"idle_e2e_ms_by_images": {str(k): rnd(v * 1000, 1) for k, v in idle.items()},
-                        "sustainable_rate_per_s": round(1 / mean_s, 3), "deadline_x": args.deadline_x},
+                        "deadline_x": args.deadline_x,
+                        "sustainable": {k: rnd(v, 4) if isinstance(v, float) else v
+                                        for k, v in base["sustainable"].items()}},
         "modes": {"admission_only": "no profile: admission's per-stage estimate decides deadlines",
                   "selection_off": "the profile with no reduction: the program decides deadlines, inputs as sent",
                   "selection_on": "the profile with every reduction: the program reduces and reassigns, and under "
