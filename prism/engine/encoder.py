@@ -13,7 +13,7 @@ from typing import Hashable, Sequence
 
 import torch
 
-from prism.engine.prefill import Id, take_batch
+from prism.engine.batching import Id, take_batch
 from prism.models.base import MediaItem
 from prism.models.loading import LoadedModel
 

@@ -7,26 +7,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from prism.engine.batching import MAX_PADDING, Id, take_batch
 from prism.engine.lm import LanguageModel
 from prism.engine.sampling import Sampling, select_tokens
 from prism.models.base import MediaItem
 
 #: Receives (layer, keys, values), each a [prompt_tokens, kv_heads, head_dim] view (any strides).
 KvSink = Callable[[int, torch.Tensor, torch.Tensor], None]
-
-
-@dataclass(frozen=True)
-class PrefillBatcher:
-    """Picks the next prefill batch: padded tokens (longest prompt x count) within
-    `token_budget`, at most `max_batch` requests, padding within `max_padding` of the real tokens."""
-
-    token_budget: int
-    max_batch: int
-    max_padding: float | None = MAX_PADDING
-
-    def take(self, pending: Sequence[tuple[Id, int]]) -> list[Id]:
-        return take_batch(pending, self.token_budget, self.max_batch, padded=True, max_padding=self.max_padding)
 
 
 @dataclass(frozen=True)

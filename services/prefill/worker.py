@@ -14,8 +14,8 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from prism.engine.batching import MAX_PADDING
-from prism.engine.prefill import PrefillEngine, PromptPlan, take_batch
+from prism.engine.batching import MAX_PADDING, take_batch
+from prism.engine.prefill import PrefillEngine, PromptPlan
 from prism.engine.sampling import Sampling
 from prism.models.base import MediaItem
 from prism.queue.base import TaskState, WorkItem, WorkQueue

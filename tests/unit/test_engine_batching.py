@@ -9,8 +9,7 @@ import torch
 from prism.engine.decode import DecodeEngine, DecodeSpec
 from prism.engine.encoder import take_media_batch
 from prism.engine.kv import KEY, VALUE
-from prism.engine.batching import MAX_PADDING
-from prism.engine.prefill import PrefillBatcher, take_batch
+from prism.engine.batching import MAX_PADDING, take_batch
 from prism.engine.sampling import Sampling
 from prism.models.base import AUDIO, IMAGE
 from tests.conftest import FAMILIES
@@ -138,7 +137,6 @@ def test_take_batch_padded_budget():
     assert take_batch([("big", 500), ("x", 1)], 100, 4) == ["big"]
     assert take_batch([(7, 3), (8, 3), (9, 3)], 9, 4) == [7, 8, 9]
     assert take_batch([], 100, 4) == []
-    assert PrefillBatcher(token_budget=100, max_batch=8, max_padding=None).take(pending) == ["a", "b", "c"]
     with pytest.raises(ValueError):
         take_batch(pending, 100, 0)
 
@@ -155,8 +153,8 @@ def test_take_batch_bounds_padding_to_a_fraction_of_the_real_tokens():
     assert take_batch([("x", 100), ("y", 59)], 2048, 8, max_padding=0.25) == ["x"]
     # the encoder's concatenated media has no padding: the bound does not apply
     assert take_batch([("text", 64), ("image", 330)], 2048, 8, padded=False, max_padding=0.0) == ["text", "image"]
-    # the prefill batcher bounds padding by default; never skips ahead past the one that stops it
-    assert PrefillBatcher(token_budget=2048, max_batch=8).take(similar + [("d", 330)]) == ["a", "b", "c"]
+    # the default bound; never skips ahead past the one that stops it
+    assert take_batch(similar + [("d", 330)], 2048, 8, max_padding=MAX_PADDING) == ["a", "b", "c"]
     with pytest.raises(ValueError, match="max_padding"):
         take_batch(similar, 2048, 8, max_padding=-0.1)
 
