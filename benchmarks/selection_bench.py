@@ -216,22 +216,28 @@ async def calibrate(address: str, prompts: Prompts, args) -> dict[int, float]:
     return out
 
 
+def request_bodies(seq: list, prompts: Prompts) -> list[list[dict]]:
+    """The messages of each request of the sequence: the capacity run and the replays send the same."""
+    return [prompts.messages(k, r.context_tokens, r.num_images) for k, (r, _) in enumerate(seq)]
+
+
 async def closed_loop(address: str, seq: list, prompts: Prompts, concurrency: int, args) -> dict:
     """The sequence sent with `concurrency` requests in flight (no deadline, nothing reduced):
     requests completed per second from the first sent to the last finished."""
     from prism.client import AsyncPrismClient
 
-    bodies = [prompts.messages(k, r.context_tokens, r.num_images) for k, (r, _) in enumerate(seq)]
+    bodies = request_bodies(seq, prompts)
     results: list[dict] = []
     pending = iter(range(len(seq)))
     async with AsyncPrismClient(address) as client:
         async def sender() -> None:
             for k in pending:  # one shared iterator: each request is sent once
-                results.append(await send(client, bodies[k], seq[k][0].generated_tokens,
-                                          timeout=args.request_timeout, request_id=f"c{k}-{uuid.uuid4().hex[:8]}"))
+                r = await send(client, bodies[k], seq[k][0].generated_tokens, timeout=args.request_timeout,
+                               request_id=f"c{k}-{uuid.uuid4().hex[:8]}")
+                results.append({**r, "new_tokens": seq[k][0].generated_tokens})
 
         await asyncio.gather(*(sender() for _ in range(concurrency)))
-    done = [r for r in results if r["code"] == "OK" and r["tokens"] == args.new_tokens]
+    done = [r for r in results if r["code"] == "OK" and r["tokens"] == r["new_tokens"]]
     if len(done) < len(results):
         bad = next(r for r in results if r not in done)
         raise RuntimeError(f"capacity run: {len(results) - len(done)} requests failed ({bad['code']} {bad['message']})")
@@ -260,7 +266,7 @@ async def replay(address: str, seq: list, prompts: Prompts, idle: dict[int, floa
     from prism.client import AsyncPrismClient, Reduce
 
     loop = asyncio.get_running_loop()
-    bodies = [prompts.messages(k, r.context_tokens, r.num_images) for k, (r, _) in enumerate(seq)]
+    bodies = request_bodies(seq, prompts)
     results: list[dict] = []
     async with AsyncPrismClient(address) as client:
         t0 = loop.time() + 0.2
